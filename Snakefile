@@ -1,0 +1,30 @@
+# gradloc: gradient-localized lifelong pretraining. This file is only the table of
+# contents; the logic lives in workflow/rules/*.smk and in the gradloc library.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/tagging.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/profiling.smk"
+include: "workflow/rules/selection.smk"
+include: "workflow/rules/training.smk"
+include: "workflow/rules/evaluation.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True
+
+
+rule data:
+    input:
+        data_targets(),

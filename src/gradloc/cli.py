@@ -1,0 +1,94 @@
+"""Command line: one subcommand per pipeline stage.
+
+Every Snakemake rule calls one of these, and prints the exact command in its log so a
+person can rerun the stage by hand. `--params` takes the rule's slice of the config as
+JSON (or @file.json / @file.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+from .io import InputError
+
+# stage -> (module, [(argument, help)]); each module exposes run(params, **arguments)
+STAGES = {
+    "download": ("gradloc.data.download", [("out", "output folder (corpus)")]),
+    "split": ("gradloc.split", [("corpus", "corpus folder"), ("out", "output folder")]),
+    "tag": ("gradloc.tagging", [("corpus", "corpus folder"), ("split", "split folder"), ("out", "output folder")]),
+    "probes": ("gradloc.probes", [("corpus", "corpus folder"), ("tagged", "tagged folder"), ("out", "output folder")]),
+    "base-model": ("gradloc.basemodel", [("corpus", "corpus folder"), ("split", "split folder"),
+                                         ("probes", "probes folder"), ("out", "output folder")]),
+    "profile": ("gradloc.profile", [("model", "base model folder"), ("tagged", "tagged folder"),
+                                    ("probes", "probes folder"), ("out", "output folder")]),
+    "select": ("gradloc.select", [("profile", "profile folder"), ("out", "selection JSON file")]),
+    "train": ("gradloc.train", [("init", "checkpoint to start from (base model or previous period)"),
+                                ("tagged", "tagged folder"), ("selection", "selection JSON file"),
+                                ("period", "update period index (1..n)"), ("seed", "random seed"),
+                                ("state", "folder for resumable training state"),
+                                ("out", "output folder")]),
+    "evaluate": ("gradloc.evaluate", [("model", "checkpoint folder"), ("probes", "probes folder"),
+                                      ("tagged", "tagged folder"), ("period", "update period index"),
+                                      ("out", "output folder")]),
+    "report": ("gradloc.report", [("evals", "evaluation folders (list)"), ("trains", "training folders (list)"),
+                                  ("profile", "profile folder"), ("base_model", "base model folder"),
+                                  ("out", "output folder")]),
+}
+LIST_ARGS = {"evals", "trains"}
+INT_ARGS = {"period", "seed"}
+
+
+def parse_params(text: str) -> dict:
+    if text.startswith("@"):
+        path = Path(text[1:])
+        loader = yaml.safe_load if path.suffix in (".yaml", ".yml") else json.loads
+        return loader(path.read_text()) or {}
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"--params: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradloc", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for stage, (_, args) in STAGES.items():
+        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        p.add_argument("--params", default="{}", help="config slice as JSON, or @file.json/@file.yaml")
+        for name, help_ in args:
+            kw = {"nargs": "*", "default": []} if name in LIST_ARGS else {"required": name not in ("selection", "state")}
+            if name in INT_ARGS:
+                kw["type"] = int
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, help=help_, **kw)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    # The exact command, so the rule's log tells a person how to rerun this stage by hand.
+    print("command: " + shlex.join(["gradloc", *argv]), file=sys.stderr, flush=True)
+    module_name, arg_spec = STAGES[args.stage]
+    kwargs = {name: getattr(args, name) for name, _ in arg_spec}
+    try:
+        params = parse_params(args.params)
+        module = importlib.import_module(module_name)
+        module.run(params, **kwargs)
+    except InputError as e:
+        print(f"gradloc {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

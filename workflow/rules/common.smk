@@ -1,0 +1,85 @@
+import json
+import os
+
+from snakemake.utils import validate
+
+
+validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+
+R = config["results"]
+METHODS = list(config["train"]["methods"])
+SEEDS = [int(s) for s in config["train"]["seeds"]]
+
+
+def periods(wildcards=None):
+    """Update periods 1..n. Known from the config for synthetic and TemporalWiki data;
+    for local and ECBD data they are read from the split's manifest (a checkpoint)."""
+    d = config["data"]
+    if d["source"] == "synthetic":
+        return list(range(1, d["synthetic"]["n_snapshots"]))
+    if d["source"] == "temporalwiki":
+        return list(range(1, len(d["temporalwiki"]["periods"]) + 1))
+    manifest = os.path.join(checkpoints.split.get().output[0], "manifest.json")
+    with open(manifest) as f:
+        return [p["index"] for p in json.load(f)["periods"]]
+
+
+def cfg(*keys):
+    """The config slice a rule depends on, as compact JSON for `--params`."""
+    node = config
+    for k in keys:
+        node = node[k]
+    return json.dumps(node, sort_keys=True, separators=(",", ":"))
+
+
+def train_params(method):
+    """Train-wide settings plus one method's entry: editing a method reruns only it."""
+    common = {k: v for k, v in config["train"].items() if k not in ("methods", "seeds")}
+    return json.dumps({"name": method, "common": common, "method": config["train"]["methods"][method]},
+                      sort_keys=True, separators=(",", ":"))
+
+
+def needs_selection(method):
+    return config["train"]["methods"][method].get("layers", "all") != "all"
+
+
+def previous_checkpoint(w):
+    p = int(w.period)
+    if p == 1:
+        return f"{R}/base_model"
+    return f"{R}/train/{w.method}/seed{w.seed}/P{p - 1}"
+
+
+def selection_input(w):
+    return [rules.select.output[0]] if needs_selection(w.method) else []
+
+
+def report_evals(w):
+    ps = periods()
+    return [f"{R}/eval/base/P{p}" for p in ps] + [
+        f"{R}/eval/{m}/seed{s}/P{p}" for m in METHODS for s in SEEDS for p in ps
+    ]
+
+
+def report_trains(w):
+    return [f"{R}/train/{m}/seed{s}/P{p}" for m in METHODS for s in SEEDS for p in periods()]
+
+
+def data_targets():
+    return [f"{R}/corpus", f"{R}/split", f"{R}/tagged", f"{R}/probes"]
+
+
+def all_targets():
+    return data_targets() + [f"{R}/report/table.md"]
+
+
+wildcard_constraints:
+    method="[a-z0-9_+]+",
+    seed=r"\d+",
+    period=r"\d+",
+
+
+# Jobs run the library from this checkout's src/ whether or not it is pip-installed, so
+# the same rules work in a conda env built from envs/*.yaml on a cluster node.
+_src = os.path.join(workflow.basedir, "src")
+os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [_src, os.environ.get("PYTHONPATH", "")])))

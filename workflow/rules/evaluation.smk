@@ -1,0 +1,36 @@
+rule evaluate:
+    input:
+        model=f"{R}/train/{{method}}/seed{{seed}}/P{{period}}",
+        probes=rules.probes.output[0],
+        tagged=rules.tag.output[0],
+    output:
+        directory(f"{R}/eval/{{method}}/seed{{seed}}/P{{period}}"),
+    params:
+        p=cfg("evaluate"),
+    log:
+        f"{R}/logs/eval/{{method}}/seed{{seed}}/P{{period}}.log",
+    threads: 2
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m gradloc evaluate --params {params.p:q} --model {input.model} --probes {input.probes}"
+        " --tagged {input.tagged} --period {wildcards.period} --out {output} > {log} 2>&1"
+
+
+rule evaluate_base:
+    input:
+        model=rules.base_model.output[0],
+        probes=rules.probes.output[0],
+        tagged=rules.tag.output[0],
+    output:
+        directory(f"{R}/eval/base/P{{period}}"),
+    params:
+        p=cfg("evaluate"),
+    log:
+        f"{R}/logs/eval/base/P{{period}}.log",
+    threads: 2
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m gradloc evaluate --params {params.p:q} --model {input.model} --probes {input.probes}"
+        " --tagged {input.tagged} --period {wildcards.period} --out {output} > {log} 2>&1"

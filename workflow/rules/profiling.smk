@@ -1,0 +1,21 @@
+rule profile:
+    input:
+        model=rules.base_model.output[0],
+        tagged=rules.tag.output[0],
+        probes=rules.probes.output[0],
+    output:
+        directory(f"{R}/profile"),
+    params:
+        p=cfg("profile"),
+    log:
+        f"{R}/logs/profile.log",
+    benchmark:
+        f"{R}/benchmarks/profile.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m gradloc profile --params {params.p:q} --model {input.model} --tagged {input.tagged}"
+        " --probes {input.probes} --out {output} > {log} 2>&1"

@@ -1,0 +1,25 @@
+rule train:
+    input:
+        init=previous_checkpoint,
+        tagged=rules.tag.output[0],
+        selection=selection_input,
+    output:
+        directory(f"{R}/train/{{method}}/seed{{seed}}/P{{period}}"),
+    params:
+        p=lambda w: train_params(w.method),
+        selection=lambda w, input: f"--selection {input.selection[0]}" if input.selection else "",
+        # Resumable state lives outside the output, which Snakemake deletes after a failure.
+        state=f"{R}/.train_state/{{method}}/seed{{seed}}/P{{period}}",
+    log:
+        f"{R}/logs/train/{{method}}/seed{{seed}}/P{{period}}.log",
+    benchmark:
+        f"{R}/benchmarks/train/{{method}}/seed{{seed}}/P{{period}}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m gradloc train --params {params.p:q} --init {input.init} --tagged {input.tagged}"
+        " {params.selection} --period {wildcards.period} --seed {wildcards.seed}"
+        " --state {params.state} --out {output} > {log} 2>&1"
