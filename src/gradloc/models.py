@@ -1,0 +1,199 @@
+"""Loading, saving and "layer" discovery for any Hugging Face causal LM.
+
+A *unit* is what the gradient profile measures and what the layer selection trains:
+`embed`, one transformer block (`block.{i}`) or, at module granularity, a block's
+attention / MLP / norms apart (`block.{i}.attn`, `block.{i}.mlp`, `block.{i}.norm`,
+`block.{i}.other`), then `final_norm` and `lm_head` (only when not tied to the input
+embeddings). Blocks are found generically, so GPT-2, GPT-NeoX, Llama, Mistral, Qwen,
+OPT, Falcon... work without per-architecture tables, also behind a PEFT wrapper.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+GRANULARITIES = ("block", "module")
+# Sub-unit order inside a block at module granularity.
+MODULE_KINDS = ("attn", "mlp", "norm", "other")
+# Last-resort names of the block list, if the generic search finds nothing.
+_FALLBACK_BLOCK_PATHS = ("transformer.h", "gpt_neox.layers", "model.layers", "model.decoder.layers",
+                         "transformer.blocks", "layers")
+
+
+def load_model(path_or_id, *, revision=None, gguf_file=None, dtype=None):
+    """(model, tokenizer) from a hub id, a local save_pretrained folder, or a GGUF file.
+
+    `gguf_file` is the file name inside `path_or_id` (hub repo or folder), as
+    transformers expects; the weights are de-quantised into a normal torch model.
+    A tokenizer without a pad token gets pad = eos, so batches can be padded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {}
+    if revision:
+        kwargs["revision"] = revision
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    path_or_id = os.fspath(path_or_id)
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, path) -> None:
+    """save_pretrained (safetensors) of model and tokenizer into one folder."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def checkpoint_dir(path) -> Path:
+    """A stage folder holds its checkpoint in `model/`; a bare save_pretrained folder
+    (or a hub id) is used as it is."""
+    path = Path(path)
+    return path / "model" if (path / "model").is_dir() else path
+
+
+def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
+    """(dotted name, blocks) of the transformer block list.
+
+    The block list is the largest nn.ModuleList whose children all have one class
+    (ties: the first found, i.e. the outermost). This finds `transformer.h`,
+    `gpt_neox.layers`, `model.layers`, `model.decoder.layers`... and, behind PEFT,
+    `base_model.model.transformer.h` and so on.
+    """
+    best_name, best = None, None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[1]:
+            best_name, best = name, (module, size)
+    if best is None:
+        modules = dict(model.named_modules())
+        for suffix in _FALLBACK_BLOCK_PATHS:
+            for name, module in modules.items():
+                if (name == suffix or name.endswith("." + suffix)) and isinstance(module, nn.ModuleList):
+                    return name, list(module)
+        raise ValueError(f"no transformer block list found in {type(model).__name__}")
+    return best_name, list(best[0])
+
+
+def classify_child(name: str) -> str:
+    """Kind of a block's child module, from its name: attn, mlp, norm or other.
+
+    Norms are checked first, because names like OPT's `self_attn_layer_norm` or
+    Gemma's `pre_feedforward_layernorm` are norms that mention attention/MLP.
+    """
+    n = name.lower()
+    if "norm" in n or re.match(r"^ln(_|\d|$)", n):
+        return "norm"
+    if "attn" in n or "attention" in n:
+        return "attn"
+    if any(k in n for k in ("mlp", "feed_forward", "feedforward", "ffn", "moe")) or re.match(r"^fc(_|\d|$)", n):
+        return "mlp"
+    return "other"
+
+
+def _output_embedding_params(model: nn.Module) -> set[int]:
+    try:
+        out = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        out = None
+    return {id(p) for p in out.parameters()} if out is not None else set()
+
+
+def layer_units(model: nn.Module, granularity: str = "block") -> dict[str, list[str]]:
+    """Ordered (bottom to top) unit name -> names of its parameters.
+
+    Covers every parameter of `model.named_parameters()` (which lists a tied lm_head
+    weight once, under the embeddings) exactly once.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    blocks_name, blocks = find_blocks(model)
+    prefix = blocks_name + "." if blocks_name else ""
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+    head_params = _output_embedding_params(model)
+
+    block_units: dict[int, dict[str, list[str]]] = {i: {} for i in range(len(blocks))}
+    embed, final_norm, lm_head = [], [], []
+    seen_blocks = False
+    for name, p in model.named_parameters():
+        if prefix and name.startswith(prefix):
+            seen_blocks = True
+            index, _, rest = name[len(prefix):].partition(".")
+            child = rest.split(".", 1)[0] if "." in rest else ""  # "" : a parameter of the block itself
+            kind = classify_child(child) if child else "other"
+            block_units[int(index)].setdefault(kind, []).append(name)
+        elif id(p) in head_params and id(p) not in embedding_params:
+            lm_head.append(name)
+        elif id(p) in embedding_params:
+            embed.append(name)
+        elif "norm" in name.lower() or re.search(r"(^|\.)ln_?f?\.", name):
+            final_norm.append(name)
+        elif not seen_blocks:  # e.g. OPT's project_in: part of the input side
+            embed.append(name)
+        else:
+            final_norm.append(name)
+
+    units: dict[str, list[str]] = {}
+    if embed:
+        units["embed"] = embed
+    for i in range(len(blocks)):
+        if granularity == "block":
+            names = [n for kind in MODULE_KINDS for n in block_units[i].get(kind, [])]
+            if names:
+                units[f"block.{i}"] = names
+        else:
+            for kind in MODULE_KINDS:
+                if block_units[i].get(kind):
+                    units[f"block.{i}.{kind}"] = block_units[i][kind]
+    if final_norm:
+        units["final_norm"] = final_norm
+    if lm_head:
+        units["lm_head"] = lm_head
+    return units
+
+
+def n_blocks(model: nn.Module) -> int:
+    return len(find_blocks(model)[1])
+
+
+def unit_layer(unit: str, n_layers: int | None = None) -> int:
+    """Layer index of a unit: -1 for embed, i for block.{i}[.kind], n_layers (L) for
+    final_norm and lm_head (pass n_layers for those)."""
+    if unit == "embed":
+        return -1
+    m = re.match(r"^block\.(\d+)(\.\w+)?$", unit)
+    if m:
+        return int(m.group(1))
+    if unit in ("final_norm", "lm_head"):
+        if n_layers is None:
+            raise ValueError(f"unit_layer({unit!r}) needs n_layers")
+        return n_layers
+    raise ValueError(f"unknown unit {unit!r}")
+
+
+def block_unit(unit: str) -> str:
+    """The block-granularity unit containing a unit: block.3.attn -> block.3."""
+    m = re.match(r"^(block\.\d+)(\.\w+)?$", unit)
+    return m.group(1) if m else unit
+
+
+def is_block_unit(unit: str) -> bool:
+    return unit.startswith("block.")
