@@ -4,6 +4,20 @@ import os
 from snakemake.utils import validate
 
 
+def check_config(config, schema_path):
+    """Fail before any job runs, one line per problem, each naming its config key."""
+    import jsonschema
+    import yaml
+
+    with open(schema_path) as f:
+        schema = yaml.safe_load(f)
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.path))
+    if errors:
+        lines = [f"  {'.'.join(map(str, e.path)) or '(top level)'}: {e.message}" for e in errors]
+        raise ValueError("invalid configuration:\n" + "\n".join(lines))
+
+
+check_config(config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
 R = config["results"]

@@ -1,0 +1,100 @@
+"""Config validation: the three shipped configs pass, typos and bad values fail naming the key."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+CONFIGS = ["config", "test", "paper"]
+
+
+def load(name):
+    return yaml.safe_load((ROOT / f"config/{name}.yaml").read_text())
+
+
+def errors(config):
+    return [
+        (".".join(map(str, e.path)), e.message)
+        for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(config)
+    ]
+
+
+def test_schema_is_valid_draft_2020_12():
+    assert SCHEMA["$schema"].endswith("2020-12/schema")
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_validate(name):
+    assert errors(load(name)) == []
+
+
+@pytest.mark.parametrize(
+    "path, value, key, words",
+    [
+        (("train", "lr_rate"), 1e-4, "train", "lr_rate"),  # typo of a key
+        (("split", "heldout_fraction"), 0.9, "split.heldout_fraction", "0.5"),
+        (("data", "source"), "wikipedia", "data.source", "wikipedia"),
+        (("model", "architecture", "n_layer"), 0, "model.architecture.n_layer", "minimum"),
+        (("train", "methods", "tgl_fp", "layers"), "tgl", "train.methods.tgl_fp.layers", "tgl"),
+        (("train", "methods", "lora", "lora", "rank"), 4, "train.methods.lora.lora", "rank"),
+        (("select", "rule"), "median", "select.rule", "median"),
+    ],
+)
+def test_bad_values_name_their_key(path, value, key, words):
+    config = copy.deepcopy(load("config"))
+    node = config
+    for k in path[:-1]:
+        node = node.setdefault(k, {})
+    node[path[-1]] = value
+    found = errors(config)
+    assert found, f"{path} = {value!r} should be rejected"
+    assert any(k == key and words in msg for k, msg in found), found
+
+
+def test_defaults_are_filled_in():
+    from snakemake.utils import validate
+
+    config = {"data": {"source": "synthetic"}, "train": {"methods": {"full": {}, "lora": {"lora": {}}}}}
+    validate(config, str(ROOT / "workflow/schemas/config.schema.yaml"), set_default=True)
+    assert config["data"]["synthetic"]["n_entities"] == 240
+    assert config["model"]["architecture"]["n_layer"] == 6
+    assert config["train"]["seeds"] == [0, 1]
+    assert config["train"]["methods"]["full"]["layers"] == "all"
+    assert config["train"]["methods"]["lora"]["lora"] == {"r": 4, "alpha": 16, "dropout": 0.0, "targets": "attention"}
+
+
+def snakemake(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_dry_run_builds_the_dag(name, tmp_path):
+    r = snakemake("-n", "--configfile", f"config/{name}.yaml", "--config", f"results={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    for rule in ["download", "split", "tag", "probes", "base_model", "profile", "select", "train", "report"]:
+        assert f"\n{rule} " in out, f"rule {rule} missing from the dry run of {name}"
+
+
+def test_typo_fails_before_any_job(tmp_path):
+    bad = load("test")
+    bad["profile"]["n_sequence"] = 8
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    r = snakemake("-n", "--configfile", str(path), "--config", f"results={tmp_path}/r")
+    assert r.returncode != 0
+    assert "profile: Additional properties are not allowed ('n_sequence' was unexpected)" in r.stdout + r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_lint_is_clean():
+    r = snakemake("--lint")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Congratulations" in r.stdout + r.stderr
