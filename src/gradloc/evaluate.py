@@ -1,0 +1,84 @@
+"""Evaluation of one checkpoint on one period: probe scores and held-out perplexity.
+
+Inputs: a checkpoint folder (`<dir>/model` if present, else `<dir>` itself: a merged
+model for LoRA, so a plain load works), `probes/probes.parquet` (the period's probes,
+every set present) and `tagged/sequences.parquet` (the period's held-out split).
+Outputs `scores.parquet` and `summary.json` (docs/formats.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .io import InputError, atomic_output, read_table, write_json, write_parquet
+from .models import checkpoint_dir, load_model
+from .scoring import PROBE_COLUMNS, perplexity, score_probes, summarize, text_logprob
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {"batch_size": 32, "heldout_max_sequences": 200, "max_probes_per_set": None}
+
+
+def with_defaults(params: dict | None) -> dict:
+    params = dict(params or {})
+    unknown = set(params) - set(DEFAULTS)
+    if unknown:
+        raise InputError(f"evaluate params: unknown key(s) {sorted(unknown)}")
+    return {**DEFAULTS, **params}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def period_probes(probes_dir, period: int, max_per_set: int | None = None) -> pd.DataFrame:
+    path = Path(probes_dir) / "probes.parquet"
+    df = read_table(path, ["period", *PROBE_COLUMNS])
+    df = df[df["period"] == int(period)]
+    if max_per_set:
+        # the first n per set in probe_id order: the same probes for every checkpoint
+        df = df.sort_values("probe_id").groupby("set", sort=False).head(max_per_set)
+    return df.reset_index(drop=True)
+
+
+def heldout_texts(tagged_dir, period: int, max_sequences: int, seed: int = 0) -> list[str]:
+    path = Path(tagged_dir) / "sequences.parquet"
+    df = read_table(path, ["seq_id", "period", "split", "text"])
+    df = df[(df["period"] == int(period)) & (df["split"] == "heldout")]
+    if len(df) > max_sequences:
+        df = df.sample(n=max_sequences, random_state=seed)
+    return df.sort_values("seq_id")["text"].astype(str).tolist()
+
+
+def evaluate_model(model, tokenizer, probes: pd.DataFrame, texts: list[str], batch_size: int) -> tuple[pd.DataFrame, dict]:
+    scores = score_probes(model, tokenizer, probes, batch_size)
+    summary = summarize(scores)
+    lp, n = text_logprob(model, tokenizer, texts, batch_size)
+    summary["heldout_ppl"] = perplexity(lp, n)
+    return scores, summary
+
+
+def run(params: dict, model, probes, tagged, period, out) -> None:
+    params = with_defaults(params)
+    period = int(period)
+    ckpt = checkpoint_dir(model)
+    if not Path(ckpt).exists():
+        raise InputError(f"{ckpt}: checkpoint folder not found")
+    lm, tokenizer = load_model(ckpt)
+    lm.to(device()).eval()
+    probe_df = period_probes(probes, period, params["max_probes_per_set"])
+    texts = heldout_texts(tagged, period, params["heldout_max_sequences"])
+    if probe_df.empty:
+        log.warning("no probes for period %d in %s", period, probes)
+    scores, summary = evaluate_model(lm, tokenizer, probe_df, texts, params["batch_size"])
+    with atomic_output(out) as tmp:
+        write_parquet(scores, tmp / "scores.parquet")
+        write_json(summary, tmp / "summary.json")
+    sets = ", ".join(f"{k}: n={v['n']} top1={v['top1']:.3f} obj_ppl={v['object_ppl']:.2f}"
+                     for k, v in summary.items() if isinstance(v, dict))
+    log.info("evaluate %s P%d: %d probes (%s); held-out ppl %.2f on %d sequences",
+             ckpt, period, len(scores), sets or "none", summary["heldout_ppl"], len(texts))

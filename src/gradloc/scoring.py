@@ -1,0 +1,195 @@
+"""Probe scoring and perplexity, shared by the base model's metrics and evaluation.
+
+Object scoring: the model reads the probe's `prefix` and we sum log p of the object
+tokens. Prefix and object are tokenized *separately*: ids(prefix) + ids(" " + object),
+so the boundary is the same for every model and every probe, and the object's tokens
+are exactly the ones scored (tokenizing the joined statement could merge the space or
+the object's first characters into the prefix's last token). The prefix gets the
+tokenizer's own leading special tokens (BOS for Llama-style tokenizers, none for
+GPT-2); an empty prefix is replaced by BOS (or EOS) so the first object token has a
+context.
+
+Statement scoring (TemporalWiki's way): the whole `statement` string, tokenized as
+the tokenizer does by default, scoring every token after the first.
+
+top1: greedy decoding of len(object tokens) tokens after the prefix reproduces the
+object tokens exactly. Greedy decoding matches token k iff the argmax given prefix +
+object[:k] is object[k], so this is read off the same teacher-forced forward pass
+(argmax at every object position equals the object token) with no generation loop.
+
+Batches use right padding and an attention mask; with a causal model the padding
+never influences real positions, so numbers do not depend on the batch size (up to
+float rounding). Sequences are sorted by length to keep padding small.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .io import require_columns
+
+PROBE_COLUMNS = ["probe_id", "set", "prefix", "object", "statement"]
+SCORE_COLUMNS = ["probe_id", "set", "object_logprob", "object_tokens", "statement_logprob",
+                 "statement_tokens", "top1"]
+
+
+def model_max_length(model) -> int | None:
+    cfg = model.config
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def leading_special_ids(tokenizer) -> list[int]:
+    """Ids the tokenizer puts before text by default (e.g. [BOS] for Llama, [] for GPT-2)."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start:start + len(plain)] == plain:
+            return list(with_special[:start])
+    return []
+
+
+def _start_id(tokenizer) -> int:
+    if tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise ValueError("tokenizer has neither BOS nor EOS: cannot score a probe with an empty prefix")
+
+
+def encode_probe(tokenizer, prefix: str, obj: str, max_len: int | None = None) -> tuple[list[int], int]:
+    """(ids of prefix + " " + object, number of object tokens at the end)."""
+    prefix_ids = leading_special_ids(tokenizer) + tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    if not prefix_ids:
+        prefix_ids = [_start_id(tokenizer)]
+    obj_ids = tokenizer(" " + obj, add_special_tokens=False)["input_ids"]
+    if max_len is not None and len(prefix_ids) + len(obj_ids) > max_len:
+        # keep the object and the prefix's end (its last words are the most informative)
+        obj_ids = obj_ids[:max_len - 1]
+        prefix_ids = prefix_ids[-(max_len - len(obj_ids)):]
+    return prefix_ids + obj_ids, len(obj_ids)
+
+
+def encode_text(tokenizer, text: str, max_len: int | None = None) -> list[list[int]]:
+    """Default tokenization of a text, cut into windows of at most max_len tokens."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if max_len is None or len(ids) <= max_len:
+        return [ids]
+    return [ids[i:i + max_len] for i in range(0, len(ids), max_len)]
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return tid
+
+
+@torch.no_grad()
+def token_logprobs(model, tokenizer, seqs: list[list[int]], batch_size: int, desc: str | None = None):
+    """For each id sequence: (log p of tokens 1..n-1 given their prefix, argmax
+    prediction for tokens 1..n-1), as float64 / int64 numpy arrays."""
+    device = next(model.parameters()).device
+    pad_id = _pad_id(tokenizer)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    logps: list = [None] * len(seqs)
+    preds: list = [None] * len(seqs)
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
+        idx = order[start:start + batch_size]
+        ids, mask = pad_batch([seqs[i] for i in idx], pad_id, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = F.log_softmax(logits[:, :-1], dim=-1)
+        target = ids[:, 1:]
+        lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).double().cpu().numpy()
+        am = logits[:, :-1].argmax(-1).cpu().numpy()
+        for row, i in enumerate(idx):
+            n = len(seqs[i]) - 1
+            logps[i], preds[i] = lp[row, :n], am[row, :n]
+    model.train(was_training)
+    return logps, preds
+
+
+def score_probes(model, tokenizer, probes_df: pd.DataFrame, batch_size: int = 32,
+                 progress: bool = True) -> pd.DataFrame:
+    """One row per probe: probe_id, set, object_logprob, object_tokens,
+    statement_logprob, statement_tokens, top1 (see the module docstring)."""
+    require_columns(probes_df, PROBE_COLUMNS, "probes")
+    if probes_df.empty:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
+            SCORE_COLUMNS, ["str", "str", "float64", "int64", "float64", "int64", "bool"])})
+    max_len = model_max_length(model)
+    obj_seqs, n_obj = [], []
+    for prefix, obj in zip(probes_df["prefix"].fillna(""), probes_df["object"].astype(str)):
+        ids, k = encode_probe(tokenizer, prefix, obj, max_len)
+        obj_seqs.append(ids)
+        n_obj.append(k)
+    stmt_seqs = [encode_text(tokenizer, s, max_len)[0] for s in probes_df["statement"].astype(str)]
+
+    obj_lp, obj_pred = token_logprobs(model, tokenizer, obj_seqs, batch_size, "objects" if progress else None)
+    stmt_lp, _ = token_logprobs(model, tokenizer, stmt_seqs, batch_size, "statements" if progress else None)
+
+    rows = []
+    for i, (seq, k) in enumerate(zip(obj_seqs, n_obj)):
+        target = np.asarray(seq[len(seq) - k:])
+        rows.append({
+            "object_logprob": float(obj_lp[i][-k:].sum()) if k else 0.0,
+            "object_tokens": k,
+            "statement_logprob": float(stmt_lp[i].sum()),
+            "statement_tokens": len(stmt_lp[i]),
+            "top1": bool(k and np.array_equal(obj_pred[i][-k:], target)),
+        })
+    out = pd.DataFrame(rows)
+    out.insert(0, "set", probes_df["set"].astype(str).to_numpy())
+    out.insert(0, "probe_id", probes_df["probe_id"].astype(str).to_numpy())
+    return out[SCORE_COLUMNS]
+
+
+def perplexity(logprob_sum: float, n_tokens: int) -> float:
+    """exp(-sum log p / tokens); NaN when nothing was scored."""
+    return math.exp(-logprob_sum / n_tokens) if n_tokens > 0 else float("nan")
+
+
+def text_logprob(model, tokenizer, texts: list[str], batch_size: int = 32,
+                 progress: bool = True) -> tuple[float, int]:
+    """(sum of token log-probs, number of scored tokens) over texts; a text longer than
+    the model's context is cut into windows, each scored after its first token."""
+    max_len = model_max_length(model)
+    seqs = [w for t in texts for w in encode_text(tokenizer, t, max_len) if len(w) > 1]
+    if not seqs:
+        return 0.0, 0
+    lps, _ = token_logprobs(model, tokenizer, seqs, batch_size, "held-out" if progress else None)
+    return float(sum(lp.sum() for lp in lps)), int(sum(len(lp) for lp in lps))
+
+
+def summarize(scores: pd.DataFrame) -> dict:
+    """Per set: object_ppl, statement_ppl (token-weighted), top1 (accuracy), n."""
+    out = {}
+    for name, g in scores.groupby("set", sort=True):
+        out[str(name)] = {
+            "object_ppl": perplexity(g["object_logprob"].sum(), int(g["object_tokens"].sum())),
+            "statement_ppl": perplexity(g["statement_logprob"].sum(), int(g["statement_tokens"].sum())),
+            "top1": float(g["top1"].mean()),
+            "n": int(len(g)),
+        }
+    return out

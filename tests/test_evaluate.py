@@ -1,0 +1,145 @@
+"""Probe scoring and evaluation, checked against log-probs computed by hand from one
+direct forward pass of a tiny GPT-2."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from gradloc import evaluate
+from gradloc.models import save_model
+from gradloc.scoring import encode_probe, score_probes, summarize
+
+torch.set_num_threads(1)
+WORDS = ["<eos>", "<unk>"] + [f"w{i}" for i in range(40)]
+
+
+def tiny():
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(WORDS), n_positions=32))
+    return model.eval(), tokenizer
+
+
+def ids(text):
+    return [WORDS.index(w) for w in text.split()]
+
+
+def direct_logprobs(model, seq):
+    with torch.no_grad():
+        logits = model(torch.tensor([seq])).logits[0]
+    return F.log_softmax(logits.double(), -1)
+
+
+def greedy(model, seq, n):
+    seq = list(seq)
+    for _ in range(n):
+        with torch.no_grad():
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[-n:]
+
+
+def make_probes(model):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(10):
+        prefix = " ".join(f"w{j}" for j in rng.integers(2, 40, size=1 + i % 5))
+        obj = " ".join(f"w{j}" for j in rng.integers(2, 40, size=1 + i % 3))
+        rows.append((prefix, obj))
+    # one probe whose object is the model's own greedy continuation: top1 must be True
+    prefix = "w3 w4 w5"
+    obj = " ".join(WORDS[t] for t in greedy(model, ids(prefix), 2))
+    rows.append((prefix, obj))
+    return pd.DataFrame({
+        "probe_id": [f"p{i}" for i in range(len(rows))],
+        "set": ["updated" if i % 2 else "unchanged" for i in range(len(rows))],
+        "prefix": [p for p, _ in rows], "object": [o for _, o in rows],
+        "statement": [f"{p} {o}" for p, o in rows],
+    })
+
+
+def test_scores_match_direct_forward():
+    model, tokenizer = tiny()
+    probes = make_probes(model)
+    scores = score_probes(model, tokenizer, probes, batch_size=4, progress=False)
+    assert list(scores["probe_id"]) == list(probes["probe_id"])
+    for row, probe in zip(scores.itertuples(), probes.itertuples()):
+        p, o = ids(probe.prefix), ids(probe.object)
+        lp = direct_logprobs(model, p + o)
+        expect = sum(float(lp[len(p) - 1 + k, t]) for k, t in enumerate(o))
+        assert row.object_tokens == len(o)
+        assert abs(row.object_logprob - expect) < 1e-4
+        s = p + o
+        expect_s = sum(float(lp[k - 1, s[k]]) for k in range(1, len(s)))
+        assert row.statement_tokens == len(s) - 1
+        assert abs(row.statement_logprob - expect_s) < 1e-4
+        assert row.top1 == (greedy(model, p, len(o)) == o)
+    assert scores["top1"].iloc[-1]  # the greedy-continuation probe
+    assert not scores["top1"].all()
+
+
+def test_batch_size_invariance():
+    model, tokenizer = tiny()
+    probes = make_probes(model)
+    a = score_probes(model, tokenizer, probes, batch_size=1, progress=False)
+    b = score_probes(model, tokenizer, probes, batch_size=7, progress=False)
+    for col in ("object_logprob", "statement_logprob"):
+        np.testing.assert_allclose(a[col], b[col], atol=1e-5, rtol=0)
+    assert (a["top1"] == b["top1"]).all()
+
+
+def test_empty_prefix_uses_bos_or_eos():
+    _, tokenizer = tiny()
+    seq, k = encode_probe(tokenizer, "", "w7 w8")
+    assert seq == [0, ids("w7")[0], ids("w8")[0]] and k == 2
+
+
+def test_summarize():
+    scores = pd.DataFrame({"probe_id": ["a", "b", "c"], "set": ["new", "new", "updated"],
+                           "object_logprob": [-1.0, -3.0, -2.0], "object_tokens": [1, 3, 2],
+                           "statement_logprob": [-4.0, -4.0, -1.0], "statement_tokens": [2, 2, 1],
+                           "top1": [True, False, False]})
+    s = summarize(scores)
+    assert math.isclose(s["new"]["object_ppl"], math.exp(4 / 4))
+    assert math.isclose(s["new"]["statement_ppl"], math.exp(8 / 4))
+    assert s["new"]["top1"] == 0.5 and s["new"]["n"] == 2 and s["updated"]["n"] == 1
+
+
+def test_run_writes_scores_and_heldout_ppl(tmp_path):
+    model, tokenizer = tiny()
+    save_model(model, tokenizer, tmp_path / "ckpt" / "model")
+    probes = make_probes(model)
+    probes["period"] = [1] * 8 + [2] * 3
+    probes["subject_id"], probes["subject"], probes["relation"] = "s", "s", "r"
+    (tmp_path / "probes").mkdir()
+    probes.to_parquet(tmp_path / "probes" / "probes.parquet")
+    texts = ["w1 w2 w3 w4", "w5 w6", "w7 w8 w9 w10 w11", "w2 w2 w2"]
+    seqs = pd.DataFrame({"seq_id": ["a", "b", "c", "d"], "period": [1, 1, 1, 2],
+                         "split": ["heldout", "heldout", "train", "heldout"], "doc_id": "x",
+                         "origin": "diff", "text": texts, "knowledge_type": "none"})
+    (tmp_path / "tagged").mkdir()
+    seqs.to_parquet(tmp_path / "tagged" / "sequences.parquet")
+
+    evaluate.run({"batch_size": 3}, model=tmp_path / "ckpt", probes=tmp_path / "probes",
+                 tagged=tmp_path / "tagged", period=1, out=tmp_path / "eval")
+    scores = pd.read_parquet(tmp_path / "eval" / "scores.parquet")
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert sorted(scores["probe_id"]) == sorted(f"p{i}" for i in range(8))
+    assert set(summary) == {"unchanged", "updated", "heldout_ppl"}
+    # held-out perplexity by hand: period 1, split heldout -> texts a and b
+    total, n = 0.0, 0
+    for t in texts[:2]:
+        s = ids(t)
+        lp = direct_logprobs(model, s)
+        total += sum(float(lp[k - 1, s[k]]) for k in range(1, len(s)))
+        n += len(s) - 1
+    assert math.isclose(summary["heldout_ppl"], math.exp(-total / n), rel_tol=1e-5)
+    assert summary["unchanged"]["n"] + summary["updated"]["n"] == 8
