@@ -42,7 +42,7 @@ def with_defaults(params: dict | None) -> dict:
 
 # --- mention finding ---------------------------------------------------------------------
 
-def _aliases(value) -> list[str]:
+def alias_list(value) -> list[str]:
     """The aliases cell as a list: parquet gives numpy arrays, csv/json may give None."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return []
@@ -69,8 +69,8 @@ def build_automaton(entities: pd.DataFrame, min_alias_chars: int = 3,
     entities with the same name) keeps all of them: without context we cannot choose."""
     surfaces: dict[str, tuple[int, list[str]]] = {}  # key -> (rank: 0 name, 1 alias; ids)
     aliases = entities["aliases"] if "aliases" in entities else [None] * len(entities)
-    for eid, name, alias_list in zip(entities["entity_id"].astype(str), entities["name"], aliases):
-        for rank, surface in [(0, name)] + [(1, a) for a in _aliases(alias_list)]:
+    for eid, name, alias_cell in zip(entities["entity_id"].astype(str), entities["name"], aliases):
+        for rank, surface in [(0, name)] + [(1, a) for a in alias_list(alias_cell)]:
             if not isinstance(surface, str):
                 continue
             surface = surface.strip()
@@ -156,8 +156,8 @@ def _articles_by_snapshot(docs: pd.DataFrame, entities: pd.DataFrame) -> dict[in
     of a full document (texts of several such documents joined, in doc_id order)."""
     owner: dict[str, str] = {}
     aliases = entities["aliases"] if "aliases" in entities else [None] * len(entities)
-    for eid, name, alias_list in zip(entities["entity_id"].astype(str), entities["name"], aliases):
-        for surface in [name, *_aliases(alias_list)]:
+    for eid, name, alias_cell in zip(entities["entity_id"].astype(str), entities["name"], aliases):
+        for surface in [name, *alias_list(alias_cell)]:
             owner.setdefault(str(surface), eid)  # first claim wins, names were listed first
     full = docs[docs["kind"] == "full"].sort_values(["snapshot", "doc_id"])
     out: dict[int, dict[str, str]] = {}

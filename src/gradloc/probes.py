@@ -1,0 +1,292 @@
+"""Stage `gradloc probes`: cloze probes per update period, in TWiki-Probes' form.
+
+From the triples of snapshots k-1 and k: `unchanged` facts hold in both; `updated` facts
+are new in k for a subject that already existed (changed object or new relation); `new`
+facts belong to subjects first seen in k; `outdated` probes pair each kept updated fact
+with the object it replaced (same prefix), to measure whether the old answer fades.
+Period 0 holds every T0 fact as `unchanged`, for the base model's accuracy.
+
+TWiki-Probes' filters, each a config option: the object must appear in the subject's
+article of that snapshot (k-1 for outdated), objects longer than `max_object_words`
+are dropped, and one subject / one relation may fill at most `subject_cap` /
+`relation_cap` of a set. Caps allow max(1, ceil(cap * n)) probes each, n being the set's
+size after the other filters: on small sets with few relations a 5% relation cap binds
+hard (10 relations x 5% keep half of the set at most), so small worlds should raise the
+caps or set `apply_caps: false`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet
+from .split import stable_unit
+from .tagging import alias_list
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {"max_object_words": 5, "subject_cap": 0.01, "relation_cap": 0.05, "apply_caps": True,
+            "require_object_in_text": True, "max_per_set": None, "seed": 0}
+SETS = ("unchanged", "updated", "new", "outdated")
+FACT_COLUMNS = ["subject_id", "subject", "relation", "object"]
+PROBE_COLUMNS = ["probe_id", "period", "set", "subject_id", "subject", "relation", "object", "prefix", "statement"]
+
+
+def with_defaults(params: dict | None) -> dict:
+    p = dict(DEFAULTS)
+    p.update(params or {})
+    unknown = set(p) - set(DEFAULTS)
+    if unknown:
+        raise InputError(f"probes params: unknown key(s) {sorted(unknown)}; expected {sorted(DEFAULTS)}")
+    return p
+
+
+# --- probe sets from triples -----------------------------------------------------------------
+
+def _facts(triples: pd.DataFrame, snapshot: int) -> pd.DataFrame:
+    t = triples[triples["snapshot"] == snapshot]
+    return t[FACT_COLUMNS].drop_duplicates(["subject_id", "relation", "object"]).reset_index(drop=True)
+
+
+def fact_sets(triples: pd.DataFrame, k: int) -> dict[str, pd.DataFrame]:
+    """Candidate facts of update period k, before filters. `outdated` has one row per
+    (subject, relation) that has an updated fact, holding the object(s) it replaced."""
+    before, now = _facts(triples, k - 1), _facts(triples, k)
+    key = ["subject_id", "relation", "object"]
+    in_before = now.merge(before[key], on=key, how="left", indicator=True)["_merge"].eq("both").to_numpy()
+    known_subject = now["subject_id"].isin(set(before["subject_id"])).to_numpy()
+    sets = {
+        "unchanged": now[in_before],
+        "updated": now[~in_before & known_subject],
+        "new": now[~known_subject],
+    }
+    # Old objects of an updated (subject, relation) that are gone in k. A relation that
+    # is new for the subject has no old object, so no outdated probe.
+    gone = before.merge(now[key], on=key, how="left", indicator=True)
+    gone = gone[gone["_merge"] == "left_only"].drop(columns="_merge")
+    sets["outdated"] = gone.merge(sets["updated"][["subject_id", "relation"]].drop_duplicates(),
+                                  on=["subject_id", "relation"])
+    return {s: df.reset_index(drop=True) for s, df in sets.items()}
+
+
+# --- filters ---------------------------------------------------------------------------------
+
+def subject_articles(docs: pd.DataFrame, entities: pd.DataFrame, triples: pd.DataFrame) -> dict:
+    """{snapshot: {subject_id: text}}: the full documents whose title is the subject's name
+    (as in the triples, or the entity's name or an alias) or whose doc_id is the subject_id.
+    Several such documents (paraphrases) are joined."""
+    owner: dict[str, str] = {}
+    for sid, subject in triples[["subject_id", "subject"]].drop_duplicates().itertuples(index=False):
+        owner.setdefault(str(subject), str(sid))
+    if "aliases" in entities:
+        for eid, name, aliases in entities[["entity_id", "name", "aliases"]].itertuples(index=False):
+            for surface in [name, *alias_list(aliases)]:
+                owner.setdefault(str(surface), str(eid))
+    full = docs[docs["kind"] == "full"].sort_values(["snapshot", "doc_id"])
+    sids = set(triples["subject_id"].astype(str))
+    out: dict[int, dict[str, str]] = {}
+    for snap, doc_id, title, text in full[["snapshot", "doc_id", "title", "text"]].itertuples(index=False):
+        sid = owner.get(str(title), str(doc_id) if str(doc_id) in sids else None)
+        if sid is not None:
+            arts = out.setdefault(int(snap), {})
+            arts[sid] = f"{arts[sid]}\n{text}" if sid in arts else str(text)
+    return out
+
+
+def object_in_text(facts: pd.DataFrame, articles: dict[str, str]) -> pd.Series:
+    """True where the object string occurs in the subject's article (TWiki's filter)."""
+    return pd.Series([o in articles.get(s, "") for s, o in zip(facts["subject_id"], facts["object"])],
+                     index=facts.index, dtype=bool)
+
+
+def short_object(facts: pd.DataFrame, max_words: int) -> pd.Series:
+    return facts["object"].str.split().str.len().le(max_words)
+
+
+def cap(facts: pd.DataFrame, subject_cap: float, relation_cap: float, seed: int, tag: str,
+        apply_caps: bool = True, max_per_set: int | None = None) -> pd.DataFrame:
+    """Deterministic sample: visit facts in an order fixed by a stable hash of (seed, tag,
+    fact), keep each while its subject and relation are under their caps
+    (max(1, ceil(cap * n)) each), then keep at most max_per_set."""
+    if facts.empty:
+        return facts
+    order = sorted(range(len(facts)), key=lambda i: stable_unit(
+        f"{seed}|{tag}|{facts['subject_id'].iat[i]}|{facts['relation'].iat[i]}|{facts['object'].iat[i]}"))
+    n = len(facts)
+    max_subject = max(1, math.ceil(subject_cap * n)) if apply_caps else n
+    max_relation = max(1, math.ceil(relation_cap * n)) if apply_caps else n
+    per_subject: dict[str, int] = {}
+    per_relation: dict[str, int] = {}
+    keep = []
+    for i in order:
+        s, r = facts["subject_id"].iat[i], facts["relation"].iat[i]
+        if per_subject.get(s, 0) < max_subject and per_relation.get(r, 0) < max_relation:
+            per_subject[s] = per_subject.get(s, 0) + 1
+            per_relation[r] = per_relation.get(r, 0) + 1
+            keep.append(i)
+    if max_per_set is not None:
+        keep = keep[:max_per_set]
+    return facts.iloc[sorted(keep)].reset_index(drop=True)
+
+
+def filter_period(sets: dict[str, pd.DataFrame], articles_now: dict, articles_before: dict,
+                  p: dict, period: int) -> dict[str, pd.DataFrame]:
+    """Apply every filter to one period's candidate sets; outdated follows the kept
+    updated facts, checked against the k-1 article."""
+    out = {}
+    for name in ("unchanged", "updated", "new"):
+        f = sets.get(name, pd.DataFrame(columns=FACT_COLUMNS))
+        f = f[short_object(f, int(p["max_object_words"]))]
+        if p["require_object_in_text"]:
+            f = f[object_in_text(f, articles_now)]
+        out[name] = cap(f.reset_index(drop=True), float(p["subject_cap"]), float(p["relation_cap"]),
+                        int(p["seed"]), f"{period}|{name}", bool(p["apply_caps"]), p["max_per_set"])
+    if "outdated" in sets:
+        f = sets["outdated"].merge(out["updated"][["subject_id", "relation"]].drop_duplicates(),
+                                   on=["subject_id", "relation"])
+        f = f[short_object(f, int(p["max_object_words"]))]
+        if p["require_object_in_text"]:
+            f = f[object_in_text(f, articles_before)]
+        out["outdated"] = f.reset_index(drop=True)
+    return out
+
+
+# --- prefixes and assembly ---------------------------------------------------------------------
+
+def default_prefix(subject: str, relation: str) -> str:
+    """For triples without a template: TemporalWiki scores "subject relation object"."""
+    return f"{subject} {relation.replace('_', ' ')}"
+
+
+def prefix_function(source: str):
+    if source == "synthetic":
+        # The synthetic world phrases probes differently from its documents.
+        from .data.synthetic import probe_prefix
+        return probe_prefix
+    return default_prefix
+
+
+def _probe_id(period: int, name: str, subject_id: str, relation: str, obj: str) -> str:
+    digest = hashlib.sha1(f"{subject_id}\x1f{relation}\x1f{obj}".encode()).hexdigest()[:12]
+    return f"P{period}-{name}-{digest}"
+
+
+def assemble(period: int, name: str, facts: pd.DataFrame, prefix_fn) -> pd.DataFrame:
+    if facts.empty:
+        return pd.DataFrame(columns=PROBE_COLUMNS)
+    df = facts[FACT_COLUMNS].astype(str).copy()
+    if "prefix" in facts:  # shipped probes; an empty prefix falls back to subject + relation
+        given = facts["prefix"].fillna("").astype(str)
+        df["prefix"] = [g if g.strip() else default_prefix(s, r)
+                        for g, s, r in zip(given, df["subject"], df["relation"])]
+    else:
+        df["prefix"] = [prefix_fn(s, r) for s, r in zip(df["subject"], df["relation"])]
+    df["statement"] = df["prefix"] + " " + df["object"]
+    df.insert(0, "set", name)
+    df.insert(0, "period", period)
+    df.insert(0, "probe_id", [_probe_id(period, name, s, r, o)
+                              for s, r, o in zip(df["subject_id"], df["relation"], df["object"])])
+    return df[PROBE_COLUMNS]
+
+
+# --- sources ---------------------------------------------------------------------------------------
+
+def raw_sets(raw: pd.DataFrame, entities: pd.DataFrame, period: int, path: Path) -> dict[str, pd.DataFrame]:
+    """Candidate sets of one period from shipped probes (TemporalWiki, ECBD)."""
+    bad = sorted(set(raw["set"]) - set(SETS))
+    if bad:
+        raise InputError(f"{path}: column 'set' has values {bad}; expected one of {list(SETS)}")
+    ids = dict(zip(entities["name"].astype(str), entities["entity_id"].astype(str))) if len(entities) else {}
+    r = raw[raw["period"] == period].astype({"subject": str, "relation": str, "object": str})
+    r = r.assign(subject_id=[ids.get(s, s) for s in r["subject"]])
+    r = r.drop_duplicates(["set", "subject_id", "relation", "object"])
+    return {name: g.drop(columns=["set", "period"]).reset_index(drop=True) for name, g in r.groupby("set")}
+
+
+def build_probes(p: dict, periods: list[int], triples: pd.DataFrame, articles: dict,
+                 prefix_fn, raw: pd.DataFrame | None = None, entities: pd.DataFrame | None = None,
+                 raw_path: Path = Path("probes_raw.parquet")) -> pd.DataFrame:
+    """All probes: period 0 (T0 facts) and every update period."""
+    p = with_defaults(p)
+    entities = entities if entities is not None else pd.DataFrame(columns=["entity_id", "name"])
+    frames = []
+    for k in [0, *periods]:
+        if raw is not None and (raw["period"] == k).any():
+            # Shipped probes were filtered against their articles by their authors (and
+            # later articles may only exist as diffs): only the word limit and caps apply.
+            sets = raw_sets(raw, entities, k, raw_path)
+            q = {**p, "require_object_in_text": False}
+        elif k == 0:
+            sets = {"unchanged": _facts(triples, 0)}
+            q = p
+        else:
+            sets = fact_sets(triples, k)
+            q = p
+        n_candidates = sum(len(f) for f in sets.values())
+        kept = filter_period(sets, articles.get(k, {}), articles.get(k - 1, {}), q, k)
+        n_kept = sum(len(f) for f in kept.values())
+        log.info("probes: P%d %s", k, ", ".join(f"{s}={len(kept.get(s, []))}/{len(sets.get(s, []))}"
+                                               for s in SETS))
+        if n_kept == 0 and (k > 0 or n_candidates > 0):
+            raise InputError(f"probes: period {k}: every probe set is empty after filtering "
+                             f"({n_candidates} candidate facts; see max_object_words, "
+                             f"require_object_in_text and the caps)")
+        frames.extend(assemble(k, name, f, prefix_fn) for name, f in kept.items())
+    probes = pd.concat(frames, ignore_index=True)
+    return probes.astype({"period": "int64"})
+
+
+def run(params: dict, corpus: str, tagged: str, out: str) -> None:
+    p = with_defaults(params)
+    corpus = Path(corpus)
+    manifest = read_json(corpus / "manifest.json")
+    try:
+        snapshots = sorted(int(s["index"]) for s in manifest["snapshots"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{corpus / 'manifest.json'}: 'snapshots' must be a list of {{index, label}}") from None
+    periods = [k for k in snapshots if k > 0]
+
+    raw_path = corpus / "probes_raw.parquet"
+    raw = read_table(raw_path, ["period", "set", "subject", "relation", "object"]) if raw_path.exists() else None
+    triples_path = corpus / "triples.parquet"
+    if triples_path.exists():
+        triples = read_table(triples_path, ["snapshot", "subject_id", "subject", "relation", "object"])
+    elif raw is not None:
+        triples = pd.DataFrame(columns=["snapshot", *FACT_COLUMNS])
+    else:
+        raise InputError(f"{triples_path}: file not found (and no probes_raw.parquet): no facts to probe")
+    triples = triples.astype({"snapshot": int, "subject_id": str, "subject": str, "relation": str, "object": str})
+    entities_path = corpus / "entities.parquet"
+    entities = read_table(entities_path, ["entity_id", "name"]) if entities_path.exists() else None
+    docs = read_table(corpus / "documents.parquet", ["doc_id", "snapshot", "title", "text", "kind"])
+    articles = subject_articles(docs, entities if entities is not None else pd.DataFrame(
+        columns=["entity_id", "name", "aliases"]), triples)
+
+    probes = build_probes(p, periods, triples, articles, prefix_function(manifest.get("source", "")),
+                          raw, entities, raw_path)
+    _check_against_tags(probes, Path(tagged))
+    counts = {str(k): {s: int(n) for s, n in g.groupby("set").size().items()} for k, g in probes.groupby("period")}
+    with atomic_output(out) as tmp:
+        write_parquet(probes, tmp / "probes.parquet")
+        write_json({"params": p, "counts": counts}, tmp / "manifest.json")
+    log.info("probes: %d probes; %s", len(probes), counts)
+
+
+def _check_against_tags(probes: pd.DataFrame, tagged: Path) -> None:
+    """The tagger and the probes derive `new` from the same triples: say so if they
+    disagree (e.g. the corpus changed between the two stages)."""
+    path = tagged / "entity_status.parquet"
+    if not path.exists():
+        return
+    status = read_table(path, ["period", "entity_id", "status"])
+    new = probes[(probes["set"] == "new") & (probes["period"] > 0)]
+    merged = new.merge(status, left_on=["period", "subject_id"], right_on=["period", "entity_id"], how="inner")
+    odd = merged[merged["status"] != "new"]
+    if len(odd):
+        log.warning("probes: %d `new` probes whose subject the tagger does not call new (e.g. %s in P%d)",
+                    len(odd), odd["subject_id"].iat[0], odd["period"].iat[0])
