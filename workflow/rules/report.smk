@@ -4,12 +4,19 @@ rule report:
         trains=report_trains,
         profile=rules.profile.output[0],
         base_model=rules.base_model.output[0],
+    # report(...) marks what `snakemake --report report.html` embeds; captions are
+    # relative to this file.
     output:
-        table_csv=f"{R}/report/table.csv",
-        table_md=report(f"{R}/report/table.md", category="Results"),
-        heatmap=report(f"{R}/report/heatmap.png", category="Gradient profile"),
-        tradeoff=report(f"{R}/report/tradeoff.png", category="Results"),
-        curves=report(f"{R}/report/curves.png", category="Training"),
+        table_csv=report(f"{R}/report/table.csv", caption="../report/table.rst", category="Results",
+                         labels={"figure": "table (CSV)"}),
+        table_md=report(f"{R}/report/table.md", caption="../report/table.rst", category="Results",
+                        labels={"figure": "table (Markdown)"}),
+        heatmap=report(f"{R}/report/heatmap.png", caption="../report/heatmap.rst", category="Gradient profile",
+                       labels={"figure": "relative gradient norm"}),
+        tradeoff=report(f"{R}/report/tradeoff.png", caption="../report/tradeoff.rst", category="Results",
+                        labels={"figure": "uptake vs forgetting"}),
+        curves=report(f"{R}/report/curves.png", caption="../report/curves.rst", category="Training",
+                      labels={"figure": "training loss"}),
     params:
         p=cfg("report"),
         out=lambda w, output: os.path.dirname(output.table_csv),

@@ -1,0 +1,215 @@
+"""`gradloc report`: exact table numbers (mean, std, uptake, forgetting) for a hand-made
+case, the Markdown, non-blank figures, determinism and errors on bad input."""
+
+import json
+import math
+import os
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+
+from gradloc import cli, report
+from gradloc.io import InputError
+
+SETS = ("unchanged", "updated", "new", "outdated")
+
+# object_ppl per set, top1 per set and heldout_ppl of the base model, per period.
+BASE = {
+    1: {"ppl": {"unchanged": 10.0, "updated": 40.0, "new": 80.0, "outdated": 20.0},
+        "top1": {"unchanged": 0.5, "updated": 0.1, "new": 0.0, "outdated": 0.4}, "heldout": 30.0},
+    2: {"ppl": {"unchanged": 11.0, "updated": 44.0, "new": 90.0, "outdated": 22.0},
+        "top1": {"unchanged": 0.5, "updated": 0.2, "new": 0.0, "outdated": 0.3}, "heldout": 32.0},
+}
+# Method values: (method, seed, period) -> (unchanged ppl, updated ppl, new ppl, new top1).
+# The other sets are fixed, so only these drive the hand-computed numbers below.
+METHOD = {
+    ("full", 0, 1): (12.0, 30.0, 50.0, 0.2), ("full", 1, 1): (14.0, 32.0, 54.0, 0.4),
+    ("full", 0, 2): (13.0, 34.0, 60.0, 0.3), ("full", 1, 2): (15.0, 36.0, 64.0, 0.5),
+    ("tgl_fp+mix_review", 0, 1): (10.5, 35.0, 60.0, 0.1), ("tgl_fp+mix_review", 1, 1): (10.5, 37.0, 62.0, 0.1),
+    ("tgl_fp+mix_review", 0, 2): (11.5, 39.0, 70.0, 0.2), ("tgl_fp+mix_review", 1, 2): (11.5, 41.0, 72.0, 0.2),
+}
+
+
+def write_eval(folder, ppl, top1, heldout):
+    folder.mkdir(parents=True)
+    summary = {s: {"object_ppl": ppl[s], "statement_ppl": ppl[s] / 2, "top1": top1[s], "n": 10} for s in SETS}
+    summary["heldout_ppl"] = heldout
+    (folder / "summary.json").write_text(json.dumps(summary))
+    # scores.parquet is part of the format; the report reads only the summary.
+    pd.DataFrame({"probe_id": ["p0"], "set": ["new"], "object_logprob": [-1.0], "object_tokens": [1],
+                  "statement_logprob": [-2.0], "statement_tokens": [3], "top1": [True]}).to_parquet(
+        folder / "scores.parquet")
+
+
+def write_train(folder, method, seed, period):
+    folder.mkdir(parents=True)
+    steps = np.arange(0, 50, 10)
+    loss = 4.0 - 0.02 * steps - 0.1 * seed - 0.3 * period - 0.2 * len(method) / 10
+    pd.DataFrame({"step": steps, "epoch": 0, "loss": loss, "lr": 1e-3, "tokens_per_s": 1000.0}).to_csv(
+        folder / "log.csv", index=False)
+    (folder / "metrics.json").write_text(json.dumps({"method": method, "trainable_params": 1000}))
+
+
+def write_profile(folder):
+    folder.mkdir(parents=True)
+    rows = []
+    for layer in range(-1, 4):
+        unit = "embed" if layer < 0 else f"block.{layer}"
+        for i, t in enumerate(("new", "updated", "unchanged", "control")):
+            rel = 1.0 if t == "control" else 0.8 + 0.1 * layer + 0.05 * i
+            rows.append({"knowledge_type": t, "granularity": "block", "unit": unit, "layer": layer,
+                         "rel": rel, "lo": rel - 0.05, "hi": rel + 0.05})
+    pd.DataFrame(rows).to_csv(folder / "relative.csv", index=False)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """Results of 2 methods x 2 seeds x 2 periods plus the base model, as the pipeline
+    lays them out; evals in config order (base first, then full, then the combination)."""
+    root = tmp_path / "results"
+    evals, trains = [], []
+    for p, b in BASE.items():
+        write_eval(root / "eval" / "base" / f"P{p}", b["ppl"], b["top1"], b["heldout"])
+        evals.append(str(root / "eval" / "base" / f"P{p}"))
+    for (method, seed, p), (unch, upd, new, new_top1) in METHOD.items():
+        ppl = {"unchanged": unch, "updated": upd, "new": new, "outdated": 25.0}
+        top1 = {**BASE[p]["top1"], "new": new_top1}
+        folder = root / "eval" / method / f"seed{seed}" / f"P{p}"
+        write_eval(folder, ppl, top1, heldout=28.0 + seed)
+        evals.append(str(folder))
+        write_train(root / "train" / method / f"seed{seed}" / f"P{p}", method, seed, p)
+        trains.append(str(root / "train" / method / f"seed{seed}" / f"P{p}"))
+    write_profile(root / "profile")
+    (root / "base_model").mkdir()
+    (root / "base_model" / "metrics.json").write_text(json.dumps({"t0_top1": 0.42, "t0_object_ppl": 12.5}))
+    return {"evals": evals, "trains": trains, "profile": str(root / "profile"),
+            "base_model": str(root / "base_model"), "out": str(tmp_path / "report")}
+
+
+def run_report(inputs, **params):
+    report.run({"dpi": 40, **params}, **inputs)
+    return pd.read_csv(f"{inputs['out']}/table.csv", keep_default_na=True, dtype={"period": str})
+
+
+def row(table, method, period):
+    sel = table[(table["method"] == method) & (table["period"] == str(period))]
+    assert len(sel) == 1
+    return sel.iloc[0]
+
+
+def test_table_numbers_by_hand(inputs):
+    table = run_report(inputs)
+    # Row order: base first, then config order; per period, then the averages.
+    assert list(zip(table["method"], table["period"])) == [
+        ("base", "1"), ("base", "2"), ("full", "1"), ("full", "2"),
+        ("tgl_fp+mix_review", "1"), ("tgl_fp+mix_review", "2"),
+        ("base", "all"), ("full", "all"), ("tgl_fp+mix_review", "all")]
+
+    full1 = row(table, "full", 1)
+    assert full1["n_seeds"] == 2
+    assert full1["new_object_ppl_mean"] == pytest.approx(52.0)
+    assert full1["new_object_ppl_std"] == pytest.approx(math.sqrt(8))  # (50, 54): sample std
+    assert full1["uptake_new_mean"] == pytest.approx(80 - 52)
+    assert full1["uptake_new_std"] == pytest.approx(math.sqrt(8))
+    assert full1["uptake_updated_mean"] == pytest.approx(40 - 31)
+    assert full1["uptake_mean"] == pytest.approx((28 + 9) / 2)
+    assert full1["forgetting_mean"] == pytest.approx(13 - 10)  # positive: forgot
+    assert full1["forgetting_std"] == pytest.approx(math.sqrt(2))
+    assert full1["top1_gain_new_mean"] == pytest.approx(0.3)
+    assert full1["top1_forgetting_mean"] == pytest.approx(0.0)
+    assert full1["heldout_ppl_mean"] == pytest.approx(28.5)
+
+    combo2 = row(table, "tgl_fp+mix_review", 2)
+    assert combo2["forgetting_mean"] == pytest.approx(0.5)
+    assert combo2["forgetting_std"] == pytest.approx(0.0)
+    assert combo2["uptake_new_mean"] == pytest.approx(90 - 71)
+
+    # Averages over periods: per seed over periods, then over seeds.
+    full_all = row(table, "full", "all")
+    assert full_all["uptake_new_mean"] == pytest.approx(((30 + 30) / 2 + (26 + 26) / 2) / 2)
+    assert full_all["forgetting_mean"] == pytest.approx(((2 + 2) / 2 + (4 + 4) / 2) / 2)
+    assert full_all["forgetting_std"] == pytest.approx(math.sqrt(2))
+
+    base1 = row(table, "base", 1)
+    assert base1["unchanged_object_ppl_mean"] == 10.0 and base1["uptake_mean"] == 0.0
+    assert math.isnan(base1["unchanged_object_ppl_std"])  # one evaluation, no spread
+    assert base1["n_seeds"] == 1
+
+    # Best per column within a period: full learns more, the combination forgets less.
+    assert "uptake_new" in full1["best"].split(";")
+    assert "forgetting" in row(table, "tgl_fp+mix_review", 1)["best"].split(";")
+    assert "forgetting" not in full1["best"].split(";")
+    assert isinstance(base1["best"], float) or base1["best"] == ""  # base is never ranked
+
+
+def test_markdown_and_figures(inputs):
+    run_report(inputs, title="My report")
+    md = open(f"{inputs['out']}/table.md").read()
+    assert md.startswith("# My report")
+    for name in ("base", "full", "tgl_fp+mix_review"):
+        assert f"| {name} |" in md
+    for s in SETS:
+        assert f"{s} object_ppl" in md and f"{s} top1" in md
+    assert "uptake" in md and "forgetting" in md and "base − method object_ppl" in md
+    assert "**28.000 ± 2.828**" in md  # full's uptake on new in period 1, the best
+    assert "t0_top1 = 0.420" in md  # base model context
+    for fig in ("heatmap", "tradeoff", "curves"):
+        img = mpimg.imread(f"{inputs['out']}/{fig}.png")
+        assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+        assert img[..., :3].var() > 0
+
+
+def test_deterministic_csv(inputs, tmp_path):
+    run_report(inputs)
+    first = open(f"{inputs['out']}/table.csv", "rb").read()
+    again = {**inputs, "out": str(tmp_path / "again")}
+    report.run({"dpi": 40}, **again)
+    assert open(f"{again['out']}/table.csv", "rb").read() == first
+
+
+def test_top1_primary_metric(inputs):
+    table = run_report(inputs, primary_metric="top1")
+    full1 = row(table, "full", 1)
+    assert full1["uptake_new_mean"] == pytest.approx(0.3)  # method - base for accuracy
+    assert full1["forgetting_mean"] == pytest.approx(0.0)
+    assert "unchanged_object_ppl_mean" not in table.columns
+    assert "top1_gain_new_mean" not in table.columns  # would repeat uptake_new
+
+
+def test_cli_and_heatmap_fallback(inputs, tmp_path):
+    # Without relative.csv the profile's own heatmap.png is copied.
+    profile = tmp_path / "profile_png"
+    profile.mkdir()
+    src = f"{inputs['out']}_src.png"
+    report.plot_heatmap(pd.read_csv(f"{inputs['profile']}/relative.csv"), src, 40)
+    (profile / "heatmap.png").write_bytes(open(src, "rb").read())
+    argv = ["report", "--params", '{"dpi": 40}', "--evals", *inputs["evals"], "--trains", *inputs["trains"],
+            "--profile", str(profile), "--base-model", inputs["base_model"], "--out", inputs["out"]]
+    assert cli.main(argv) == 0
+    assert open(f"{inputs['out']}/heatmap.png", "rb").read() == open(src, "rb").read()
+
+
+def test_missing_summary_is_named(inputs):
+    folder = next(e for e in inputs["evals"] if e.endswith("full/seed1/P2"))
+    os.remove(f"{folder}/summary.json")
+    with pytest.raises(InputError, match=r"full/seed1/P2/summary\.json"):
+        report.run({}, **inputs)
+
+
+def test_errors(inputs, tmp_path):
+    with pytest.raises(InputError, match="no eval folders"):
+        report.run({}, **{**inputs, "evals": []})
+    with pytest.raises(InputError, match="P<period>"):
+        report.run({}, **{**inputs, "evals": [str(tmp_path / "eval" / "full" / "seed0")]})
+    with pytest.raises(InputError, match="duplicate"):
+        report.run({}, **{**inputs, "evals": inputs["evals"] + inputs["evals"][:1]})
+    bad = tmp_path / "eval" / "bad" / "seed0" / "P1"
+    bad.mkdir(parents=True)
+    (bad / "summary.json").write_text(json.dumps({"new": {"object_ppl": "high"}}))
+    with pytest.raises(InputError, match=r"new\.object_ppl"):
+        report.run({}, **{**inputs, "evals": [str(bad)]})
+    with pytest.raises(InputError, match="primary_metric"):
+        report.run({"primary_metric": "bleu"}, **inputs)
+    assert not (tmp_path / "report").exists()  # nothing half-written
