@@ -49,7 +49,8 @@ def write_train(folder, method, seed, period):
     loss = 4.0 - 0.02 * steps - 0.1 * seed - 0.3 * period - 0.2 * len(method) / 10
     pd.DataFrame({"step": steps, "epoch": 0, "loss": loss, "lr": 1e-3, "tokens_per_s": 1000.0}).to_csv(
         folder / "log.csv", index=False)
-    (folder / "metrics.json").write_text(json.dumps({"method": method, "trainable_params": 1000}))
+    (folder / "metrics.json").write_text(json.dumps(
+        {"method": method, "trainable_params": 1000 * len(method), "wall_time_s": 2.0 + seed}))
 
 
 def write_profile(folder):
@@ -120,6 +121,7 @@ def test_table_numbers_by_hand(inputs):
     assert full1["top1_gain_new_mean"] == pytest.approx(0.3)
     assert full1["top1_forgetting_mean"] == pytest.approx(0.0)
     assert full1["heldout_ppl_mean"] == pytest.approx(28.5)
+    assert full1["trainable_params_mean"] == 4000 and full1["wall_time_s_mean"] == pytest.approx(2.5)
 
     combo2 = row(table, "tgl_fp+mix_review", 2)
     assert combo2["forgetting_mean"] == pytest.approx(0.5)
@@ -155,6 +157,7 @@ def test_markdown_and_figures(inputs):
     assert "uptake" in md and "forgetting" in md and "base − method object_ppl" in md
     assert "**28.000 ± 2.828**" in md  # full's uptake on new in period 1, the best
     assert "t0_top1 = 0.420" in md  # base model context
+    assert "| full | 1 | 2 | 4,000 ± 0 | 2.500 ± 0.707 |" in md  # training cost
     for fig in ("heatmap", "tradeoff", "curves"):
         img = mpimg.imread(f"{inputs['out']}/{fig}.png")
         assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
@@ -213,3 +216,20 @@ def test_errors(inputs, tmp_path):
     with pytest.raises(InputError, match="primary_metric"):
         report.run({"primary_metric": "bleu"}, **inputs)
     assert not (tmp_path / "report").exists()  # nothing half-written
+
+
+def test_missing_set_and_nan_stay_empty(inputs):
+    # A period without outdated probes (set absent) and an unscorable held-out set (NaN,
+    # as the evaluate stage writes it) give empty cells, not errors.
+    for folder in inputs["evals"]:
+        path = f"{folder}/summary.json"
+        summary = json.load(open(path))
+        del summary["outdated"]
+        summary["heldout_ppl"] = float("nan")
+        open(path, "w").write(json.dumps(summary))
+    table = run_report(inputs)
+    full1 = row(table, "full", 1)
+    assert math.isnan(full1["outdated_object_ppl_mean"]) and math.isnan(full1["heldout_ppl_mean"])
+    assert full1["uptake_new_mean"] == pytest.approx(28.0)
+    md = open(f"{inputs['out']}/table.md").read()
+    assert "| full | 1 | 2 | 13.000 ± 1.414 | 31.000 ± 1.414 | 52.000 ± 2.828 | – |" in md.replace("**", "")

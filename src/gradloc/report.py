@@ -119,17 +119,26 @@ def load_evals(evals: list) -> tuple[pd.DataFrame, list[str]]:
     return df, order
 
 
-def read_train_logs(trains: list) -> pd.DataFrame:
-    """Every train folder's log.csv stacked, with method, seed and period columns."""
-    frames = []
+COST_COLUMNS = ("trainable_params", "wall_time_s")  # from train metrics.json, when present
+
+
+def read_trains(trains: list) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every train folder's log.csv stacked (step, loss, method, seed, period), and the
+    cost of each run from its metrics.json (method, seed, period, trainable_params,
+    wall_time_s; NaN where the file or key is missing)."""
+    frames, costs = [], []
     for folder in tqdm(list(trains), desc="read train logs", unit="folder", leave=False):
         method, seed, period = parse_train_path(folder)
         df = read_table(Path(folder) / "log.csv", columns=["step", "loss"])
         df = df[["step", "loss"]].apply(pd.to_numeric, errors="coerce").dropna()
         frames.append(df.assign(method=method, seed=seed, period=period))
-    if not frames:
-        return pd.DataFrame(columns=["step", "loss", "method", "seed", "period"])
-    return pd.concat(frames, ignore_index=True)
+        path = Path(folder) / "metrics.json"
+        metrics = read_json(path) if path.exists() else {}
+        costs.append({"method": method, "seed": seed, "period": period,
+                      **{k: _number(metrics.get(k), f"{path}: key {k}") for k in COST_COLUMNS}})
+    logs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["step", "loss", "method", "seed", "period"])
+    return logs, pd.DataFrame(costs, columns=["method", "seed", "period", *COST_COLUMNS])
 
 
 # ----------------------------------------------------------------------------- the table
@@ -150,7 +159,7 @@ def value_columns(primary: str) -> list[str]:
     if primary != "top1":
         cols += [f"{s}_top1" for s in SETS]
         derived += ["top1_gain_new", "top1_gain_updated", "top1_forgetting"]
-    return cols + derived + ["heldout_ppl"]
+    return cols + derived + ["heldout_ppl", *COST_COLUMNS]
 
 
 def add_derived(df: pd.DataFrame, primary: str) -> pd.DataFrame:
@@ -236,9 +245,14 @@ def mark_best(table: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
     return table.assign(best=[";".join(best[i]) for i in table.index])
 
 
-def build_table(evals_df: pd.DataFrame, order: list[str], primary: str) -> pd.DataFrame:
+def build_table(evals_df: pd.DataFrame, order: list[str], primary: str, costs: pd.DataFrame | None = None
+                ) -> pd.DataFrame:
+    """The whole table: one row per method and period, then per method over periods."""
     cols = value_columns(primary)
-    per_seed = add_derived(evals_df, primary)
+    if costs is None:
+        costs = pd.DataFrame(columns=["method", "seed", "period", *COST_COLUMNS])
+    costs = costs.astype({"seed": int, "period": int, **{c: float for c in COST_COLUMNS}})
+    per_seed = add_derived(evals_df.merge(costs, on=["method", "seed", "period"], how="left"), primary)
     per_seed = per_seed.sort_values(["period", "seed"], kind="stable")
     per_seed["method"] = pd.Categorical(per_seed["method"], categories=order)
     per_seed = per_seed.sort_values("method", kind="stable")
@@ -249,16 +263,19 @@ def build_table(evals_df: pd.DataFrame, order: list[str], primary: str) -> pd.Da
 
 # ----------------------------------------------------------------------------- markdown
 
-def fmt(x: float) -> str:
+def fmt(x: float, integer: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
+    if integer:
+        return f"{x:,.0f}"
     return f"{x:.1f}" if abs(x) >= 100 else f"{x:.3f}"
 
 
 def cell(row, col: str) -> str:
-    text = fmt(row[f"{col}_mean"])
+    integer = col == "trainable_params"
+    text = fmt(row[f"{col}_mean"], integer)
     if not math.isnan(row[f"{col}_std"]):
-        text += f" ± {fmt(row[f'{col}_std'])}"
+        text += f" ± {fmt(row[f'{col}_std'], integer)}"
     return f"**{text}**" if col in row["best"].split(";") else text
 
 
@@ -292,6 +309,7 @@ def definitions(primary: str) -> list[str]:
                      "**top1 forgetting** = base − method top1 on `unchanged`.")
     return lines + [
         "- **held-out ppl**: perplexity on the period's held-out diff sequences.",
+        "- **trainable params**, **wall time (s)**: from each training run's `metrics.json` (not ranked).",
         "- Derived numbers are computed per seed, then averaged; period `all` rows average each seed over the "
         "periods first, then over seeds. The base model's derived numbers are 0 by definition.",
         "- **Bold**: the best method of that period in that column (the base model is not ranked; the `outdated` "
@@ -315,6 +333,7 @@ def markdown(table: pd.DataFrame, primary: str, title: str, base_metrics: dict) 
     top1_cols = [(f"{s}_top1", f"{s} top1") for s in SETS] + [
         ("top1_gain_new", "top1 gain new"), ("top1_gain_updated", "top1 gain updated"),
         ("top1_forgetting", "top1 forgetting")]
+    cost_cols = [("trainable_params", "trainable params"), ("wall_time_s", "wall time (s)")]
     context = base_model_lines(base_metrics)
     lines = [f"# {title}", "", *definitions(primary), "", *context, *([""] if context else [])]
     per_period = table[table["period"] != ALL_PERIODS]
@@ -323,6 +342,7 @@ def markdown(table: pd.DataFrame, primary: str, title: str, base_metrics: dict) 
         lines += [f"## {heading}: {primary}", ""] + md_table(part, main_cols) + [""]
         if primary != "top1":
             lines += [f"## {heading}: top1", ""] + md_table(part, top1_cols) + [""]
+        lines += [f"## {heading}: training cost", ""] + md_table(part, cost_cols) + [""]
     return "\n".join(lines)
 
 
@@ -462,12 +482,12 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out) -> No
     dpi = int(params["dpi"])
 
     evals_df, order = load_evals(evals)
-    logs = read_train_logs(trains)
+    logs, costs = read_trains(trains)
     base_metrics_path = Path(base_model) / "metrics.json"
     base_metrics = read_json(base_metrics_path)
     if not isinstance(base_metrics, dict):
         raise InputError(f"{base_metrics_path}: expected a JSON object")
-    table = build_table(evals_df, order, primary)
+    table = build_table(evals_df, order, primary, costs)
 
     with atomic_output(out) as tmp:
         # Plain "\n" and a fixed float format: the same inputs give the same bytes.
