@@ -351,6 +351,8 @@ def markdown(table: pd.DataFrame, primary: str, title: str, base_metrics: dict) 
 def plot_heatmap(relative: pd.DataFrame, path: Path, dpi: int) -> None:
     """Relative gradient norm per unit (rows, bottom-up) and knowledge type (columns);
     one panel per granularity present."""
+    relative = relative.assign(rel=pd.to_numeric(relative["rel"], errors="coerce"),
+                               layer=pd.to_numeric(relative["layer"], errors="coerce"))
     grans = [g for g in ("block", "module") if g in set(relative["granularity"])]
     grans += sorted(set(relative["granularity"]) - set(grans))
     types = [t for t in ("new", "updated", "unchanged") if t in set(relative["knowledge_type"])]
