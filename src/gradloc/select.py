@@ -1,0 +1,160 @@
+"""Layer selection from the gradient profile (TGL, methods §1).
+
+TGL-FP: per knowledge type, the units whose relative gradient norm r is above the mean
+of r over units (`rule: mean`, the paper's) or the k largest (`rule: topk`); the types'
+choices are combined by union or intersection. The rest is frozen during training.
+TGL-ALR: each unit's learning rate is multiplied by r (averaged over the chosen
+types) normalised by the mean (or max) over units.
+
+Only transformer-block units are candidates: the paper selects transformer layers, and
+the embeddings / final norm / lm_head are shared by every input (their gradient scale
+says little about where a fact is stored). They stay frozen under TGL-FP and keep
+multiplier 1.0 under TGL-ALR.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from .io import InputError, atomic_output, read_table, write_json
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {"granularity": "block", "rule": "mean", "k": None, "knowledge_types": ["new", "updated"],
+            "combine": "union", "alr_normalise": "mean"}
+CHOICES = {"granularity": ("block", "module"), "rule": ("mean", "topk"), "combine": ("union", "intersection"),
+           "alr_normalise": ("mean", "max")}
+
+
+def with_defaults(params: dict | None) -> dict:
+    params = dict(params or {})
+    unknown = set(params) - set(DEFAULTS)
+    if unknown:
+        raise InputError(f"select params: unknown key(s) {sorted(unknown)}")
+    params = {**DEFAULTS, **params}
+    for key, allowed in CHOICES.items():
+        if params[key] not in allowed:
+            raise InputError(f"select params: {key} must be one of {allowed}, got {params[key]!r}")
+    bad = [t for t in params["knowledge_types"] if t not in ("new", "updated", "unchanged")]
+    if bad or not params["knowledge_types"]:
+        raise InputError(f"select params: knowledge_types must be a non-empty subset of new/updated/unchanged, "
+                         f"got {params['knowledge_types']!r}")
+    if params["k"] is not None and (not isinstance(params["k"], int) or params["k"] < 1):
+        raise InputError(f"select params: k must be a positive integer, got {params['k']!r}")
+    return params
+
+
+def is_candidate(unit: str) -> bool:
+    return re.match(r"^block\.\d+(\.\w+)?$", unit) is not None
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def choose(r: pd.Series, rule: str, k: int | None) -> tuple[set[str], str]:
+    """Units chosen for one knowledge type, and the threshold in words."""
+    if rule == "mean":
+        mean = r.mean()
+        return set(r.index[r > mean]), f"mean {_fmt(mean)}"
+    k = k if k is not None else max(1, len(r) // 2)  # no k given: the upper half
+    top = r.sort_values(ascending=False, kind="stable").index[:k]
+    return set(top), f"top {k}"
+
+
+def select(relative: pd.DataFrame, params: dict) -> dict:
+    """The selection JSON (docs/formats.md) from a relative.csv table."""
+    params = with_defaults(params)
+    g = params["granularity"]
+    rel = relative[relative["granularity"] == g]
+    if rel.empty:
+        raise InputError(f"relative.csv: no rows with granularity {g!r}")
+    wide = rel.pivot_table(index="unit", columns="knowledge_type", values="rel", sort=False)
+    layer = rel.drop_duplicates("unit").set_index("unit")["layer"]
+    order = layer.sort_values(kind="stable").index.tolist()  # bottom to top
+    wide = wide.reindex(order)
+    candidates = [u for u in order if is_candidate(u)]
+    if not candidates:
+        raise InputError(f"relative.csv: no transformer-block units at granularity {g!r}")
+    types = [t for t in params["knowledge_types"] if t in wide.columns and wide.loc[candidates, t].notna().any()]
+    if not types:
+        raise InputError(f"relative.csv: none of the knowledge types {params['knowledge_types']} was profiled "
+                         f"(found {sorted(wide.columns)})")
+    missing = sorted(set(params["knowledge_types"]) - set(types))
+    if missing:
+        log.warning("select: knowledge type(s) %s not in the profile, using %s", missing, types)
+
+    picked, why = {}, {u: [] for u in candidates}
+    for t in types:
+        r = wide.loc[candidates, t].dropna()
+        chosen, threshold = choose(r, params["rule"], params["k"])
+        picked[t] = chosen
+        for u in r.index:
+            if params["rule"] == "mean":
+                op = ">" if u in chosen else "<="
+            else:
+                op = "in" if u in chosen else "not in"
+            why[u].append(f"{t}: r={_fmt(r[u])} {op} {threshold}")
+    sets = list(picked.values())
+    units = set.union(*sets) if params["combine"] == "union" else set.intersection(*sets)
+    fallback = False
+    if not units:
+        # an empty intersection would train nothing: keep the single strongest unit
+        mean_r = wide.loc[candidates, types].mean(axis=1)
+        units = {mean_r.idxmax()}
+        fallback = True
+        log.warning("select: empty %s, falling back to %s", params["combine"], units)
+    selected = [u for u in candidates if u in units]
+
+    # TGL-ALR: r averaged over the chosen types, normalised over the candidate units
+    r_mean = wide[types].mean(axis=1)
+    norm = r_mean[candidates].mean() if params["alr_normalise"] == "mean" else r_mean[candidates].max()
+    multipliers = {u: (float(r_mean[u] / norm) if is_candidate(u) else 1.0) for u in order}
+
+    reasons = {}
+    for u in order:
+        if not is_candidate(u):
+            reasons[u] = "not a transformer block: never selected, lr x1.0"
+            continue
+        verdict = "selected" if u in units else "frozen"
+        if fallback and u in units:
+            verdict = f"selected (fallback: empty {params['combine']}, highest mean r)"
+        elif len(types) > 1:
+            verdict += f" ({params['combine']})"
+        reasons[u] = "; ".join(why[u]) + f" -> {verdict}; lr x{multipliers[u]:.3g}"
+
+    n_layers = int(rel.loc[rel["unit"].map(is_candidate), "layer"].max()) + 1
+    return {
+        "granularity": g,
+        "rule": params["rule"],
+        "k": params["k"],
+        "knowledge_types": types,
+        "combine": params["combine"],
+        "alr_normalise": params["alr_normalise"],
+        "n_layers": n_layers,
+        "units": selected,
+        "lr_multipliers": multipliers,
+        "reasons": reasons,
+        "relative": {u: float(r_mean[u]) for u in order},
+    }
+
+
+def run(params: dict, profile, out) -> None:
+    params = with_defaults(params)
+    path = Path(profile) / "relative.csv"
+    relative = read_table(path, ["knowledge_type", "granularity", "unit", "layer", "rel"])
+    try:
+        relative["rel"] = pd.to_numeric(relative["rel"])
+        relative["layer"] = pd.to_numeric(relative["layer"]).astype(int)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{path}: columns rel and layer must be numeric ({e})") from None
+    selection = select(relative, params)
+    with atomic_output(out, is_dir=False) as tmp:
+        write_json(selection, tmp)
+    log.info("select: %d of %d %s units selected (%s, %s of %s): %s", len(selection["units"]),
+             sum(map(is_candidate, selection["relative"])), selection["granularity"], selection["rule"],
+             selection["combine"], "/".join(selection["knowledge_types"]), ", ".join(selection["units"]))

@@ -1,0 +1,108 @@
+"""TGL-FP / TGL-ALR rules on a hand-made relative.csv."""
+
+import json
+
+import pytest
+
+from gradloc import select
+from gradloc.io import InputError
+
+# block granularity, 4 blocks; module granularity for block 0 and 1 only.
+# new:     b0 1.0  b1 2.0  b2 1.2  b3 3.0   mean 1.8 -> {b1, b3}
+# updated: b0 1.6  b1 1.0  b2 1.4  b3 1.0   mean 1.25 -> {b0, b2}
+ROWS = """knowledge_type,granularity,unit,layer,rel,lo,hi
+new,block,embed,-1,9.0,8,10
+new,block,block.0,0,1.0,0.9,1.1
+new,block,block.1,1,2.0,1.8,2.2
+new,block,block.2,2,1.2,1.1,1.3
+new,block,block.3,3,3.0,2.5,3.5
+new,block,final_norm,4,5.0,4,6
+updated,block,embed,-1,0.1,0,1
+updated,block,block.0,0,1.6,1.5,1.7
+updated,block,block.1,1,1.0,0.9,1.1
+updated,block,block.2,2,1.4,1.3,1.5
+updated,block,block.3,3,1.0,0.9,1.1
+updated,block,final_norm,4,0.1,0,1
+unchanged,block,block.0,0,1.0,0.9,1.1
+unchanged,block,block.1,1,1.0,0.9,1.1
+unchanged,block,block.2,2,1.0,0.9,1.1
+unchanged,block,block.3,3,1.0,0.9,1.1
+new,module,block.0.attn,0,1.0,1,1
+new,module,block.0.mlp,0,3.0,1,1
+new,module,block.0.norm,0,1.1,1,1
+new,module,block.1.attn,1,2.5,1,1
+new,module,block.1.mlp,1,1.0,1,1
+new,module,block.1.norm,1,1.0,1,1
+"""
+
+
+@pytest.fixture
+def profile_dir(tmp_path):
+    (tmp_path / "relative.csv").write_text(ROWS)
+    return tmp_path
+
+
+def run(profile_dir, tmp_path, **params):
+    out = tmp_path / "sel" / "selection.json"
+    select.run(params, profile=profile_dir, out=out)
+    return json.loads(out.read_text())
+
+
+def test_mean_union(profile_dir, tmp_path):
+    s = run(profile_dir, tmp_path)
+    assert s["units"] == ["block.0", "block.1", "block.2", "block.3"]
+    assert s["n_layers"] == 4 and s["granularity"] == "block" and s["rule"] == "mean"
+    assert "embed" not in s["units"] and "final_norm" not in s["units"]
+    assert s["reasons"]["block.1"].startswith("new: r=2 > mean 1.8; updated: r=1 <= mean 1.25 -> selected")
+
+
+def test_mean_single_type_and_intersection(profile_dir, tmp_path):
+    assert run(profile_dir, tmp_path, knowledge_types=["new"])["units"] == ["block.1", "block.3"]
+    assert run(profile_dir, tmp_path, knowledge_types=["updated"])["units"] == ["block.0", "block.2"]
+    # disjoint choices: empty intersection falls back to the highest mean r (b3: (3+1)/2 = 2)
+    s = run(profile_dir, tmp_path, combine="intersection")
+    assert s["units"] == ["block.3"] and "fallback" in s["reasons"]["block.3"]
+
+
+def test_equal_r_selects_nothing_above_mean(profile_dir, tmp_path):
+    # all r equal: nothing is strictly above the mean, so the fallback picks one unit
+    s = run(profile_dir, tmp_path, knowledge_types=["unchanged"])
+    assert len(s["units"]) == 1
+
+
+def test_topk(profile_dir, tmp_path):
+    assert run(profile_dir, tmp_path, rule="topk", k=1, knowledge_types=["new"])["units"] == ["block.3"]
+    s = run(profile_dir, tmp_path, rule="topk", k=1)
+    assert s["units"] == ["block.0", "block.3"]
+    assert "in top 1" in s["reasons"]["block.3"]
+    # no k: the upper half
+    assert run(profile_dir, tmp_path, rule="topk", knowledge_types=["new"])["units"] == ["block.1", "block.3"]
+
+
+def test_alr_multipliers(profile_dir, tmp_path):
+    s = run(profile_dir, tmp_path)
+    # r averaged over new and updated: b0 1.3, b1 1.5, b2 1.3, b3 2.0; mean 1.525
+    expect = {"block.0": 1.3, "block.1": 1.5, "block.2": 1.3, "block.3": 2.0}
+    for u, r in expect.items():
+        assert s["relative"][u] == pytest.approx(r)
+        assert s["lr_multipliers"][u] == pytest.approx(r / 1.525)
+    assert s["lr_multipliers"]["embed"] == 1.0 and s["lr_multipliers"]["final_norm"] == 1.0
+    m = run(profile_dir, tmp_path, alr_normalise="max")["lr_multipliers"]
+    assert m["block.3"] == pytest.approx(1.0) and m["block.0"] == pytest.approx(0.65)
+
+
+def test_module_granularity(profile_dir, tmp_path):
+    s = run(profile_dir, tmp_path, granularity="module", knowledge_types=["new"])
+    # mean over the six module units = 9.6 / 6 = 1.6
+    assert s["units"] == ["block.0.mlp", "block.1.attn"]
+    assert s["n_layers"] == 2
+
+
+def test_bad_input(profile_dir, tmp_path):
+    with pytest.raises(InputError, match="rule"):
+        run(profile_dir, tmp_path, rule="median")
+    with pytest.raises(InputError, match="unknown key"):
+        run(profile_dir, tmp_path, treshold=1)
+    (profile_dir / "relative.csv").write_text("knowledge_type,granularity,unit,layer\nnew,block,block.0,0\n")
+    with pytest.raises(InputError, match="rel"):
+        run(profile_dir, tmp_path)
