@@ -99,16 +99,17 @@ def data_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and suffix_of(p))
 
 
-def extract_zips(root: Path, dest: Path, wanted: list[re.Pattern]) -> None:
+def extract_zips(root: Path, dest: Path, wanted: list[re.Pattern], skip: set[str] = frozenset()) -> None:
     """Unpack, from every zip under root, the data files whose name matches one of
-    `wanted` (the hub ships TemporalWiki as zips; we only need some periods)."""
+    `wanted` (the hub ships TemporalWiki as zips; we only need some periods), except
+    those whose file name is in `skip` (already unpacked beside the zip)."""
     for archive in sorted(root.rglob("*.zip")):
         try:
             with zipfile.ZipFile(archive) as z:
                 for member in z.namelist():
                     name = Path(member).name
                     if (member.endswith("/") or "__MACOSX" in member or not suffix_of(Path(name))
-                            or not any(w.search(name) for w in wanted)):
+                            or name in skip or not any(w.search(name) for w in wanted)):
                         continue
                     target = dest / archive.stem / Path(member)
                     target.parent.mkdir(parents=True, exist_ok=True)

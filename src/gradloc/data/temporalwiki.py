@@ -134,8 +134,13 @@ def classify(files: list[Path], periods: list[str]) -> tuple[dict, list[Path]]:
     return found, base
 
 
-def _missing_error(root: Path, period: str, what: str, files: list[Path]) -> InputError:
-    listing = ", ".join(str(f.relative_to(root)) if f.is_relative_to(root) else str(f) for f in files[:30])
+def _missing_error(root: Path, unpacked: Path, period: str, what: str, files: list[Path]) -> InputError:
+    def show(f: Path) -> str:  # unpacked members as archive.zip:member
+        if f.is_relative_to(unpacked):
+            archive, *member = f.relative_to(unpacked).parts
+            return f"{archive}.zip:{'/'.join(member)}"
+        return str(f.relative_to(root)) if f.is_relative_to(root) else str(f)
+    listing = ", ".join(show(f) for f in files[:30])
     more = f" (and {len(files) - 30} more)" if len(files) > 30 else ""
     return InputError(f"{root}: no {what} file for period {period}; data files found: [{listing}]{more}")
 
@@ -193,8 +198,11 @@ def load(p: dict, work: Path) -> Corpus:
     periods = p["periods"]
     root = fetch(p)
     wanted = [period_pattern(x) for x in periods] + [base_pattern(periods)]
-    extract_zips(root, work / "temporalwiki", wanted)
-    files = data_files(root) + (data_files(work / "temporalwiki") if (work / "temporalwiki").exists() else [])
+    unpacked = work / "temporalwiki"
+    files = data_files(root)
+    # A local_dir may hold both the zips and their unpacked files: read each file once.
+    extract_zips(root, unpacked, wanted, skip={f.name for f in files})
+    files += data_files(unpacked) if unpacked.exists() else []
     found, base_files = classify(files, periods)
     cap = p["max_docs_per_period"]
 
@@ -204,9 +212,9 @@ def load(p: dict, work: Path) -> Corpus:
     for k, period in enumerate(periods, 1):
         entry = found[period]
         if not entry["diff"]:
-            raise _missing_error(root, period, "diff (a file with a 'text' column)", files)
+            raise _missing_error(root, unpacked, period, "diff (a file with a 'text' column)", files)
         if not entry["probes"]:
-            raise _missing_error(root, period, "probe (subject, relation, object)", files)
+            raise _missing_error(root, unpacked, period, "probe (subject, relation, object)", files)
         docs.extend(doc_rows(_prefer_articles(entry["diff"]), k, "diff", cap, period))
         unchanged = probe_rows(entry["probes"].get("unchanged", []))
         known |= {s for s, _, _ in unchanged}

@@ -1,0 +1,354 @@
+"""`gradloc download` for the real-data sources (TemporalWiki, ECBD, local files) on
+small fixtures written in their published formats, the errors a user can make, and
+the atomic output: after any error there is no corpus folder."""
+
+import functools
+import http.server
+import json
+import threading
+import zipfile
+
+import pandas as pd
+import pytest
+
+from gradloc import cli
+from gradloc.data import download, temporalwiki
+from gradloc.io import InputError
+
+
+def read(out):
+    tables = {p.stem: pd.read_parquet(p) for p in out.glob("*.parquet")}
+    return tables, json.loads((out / "manifest.json").read_text())
+
+
+def assert_nothing_left(parent, name="corpus"):
+    assert not (parent / name).exists()
+    assert not list(parent.glob(f".{name}.tmp-*"))
+
+
+# --- TemporalWiki ----------------------------------------------------------------------------
+
+def write_temporalwiki(root, base=False):
+    """A fake local_dir: period 1 unpacked (Diffsets as id,url,title,text; probes with the
+    generator's `objective` column), period 2 inside the zips the hub ships."""
+    (root / "TWiki_Diffsets").mkdir(parents=True)
+    (root / "TWiki_Probes").mkdir()
+    pd.DataFrame({"id": [12, 13, 14], "url": ["u12", "u13", "u14"],
+                  "title": ["Mara Keller", "Osterby", "Nova Labs"],
+                  "text": ["Mara Keller joined Nova Labs in 2021.", "Osterby elected a new mayor.",
+                           "Nova Labs is a research company founded in 2021."]}
+                 ).to_csv(root / "TWiki_Diffsets" / "wikipedia_0801_0901_subset.csv", index=False)
+    pd.DataFrame({"subject": ["Mara Keller", "Nova Labs"], "relation": ["employer", "instance of"],
+                  "objective": ["Nova Labs", "company"]}
+                 ).to_csv(root / "TWiki_Probes" / "0801-0901_changed.csv", index=False)
+    pd.DataFrame({"subject": ["Mara Keller", "Osterby"], "relation": ["occupation", "country"],
+                  "objective": ["chemist", "Valdoria"]}
+                 ).to_csv(root / "TWiki_Probes" / "0801-0901_unchanged.csv", index=False)
+    with zipfile.ZipFile(root / "TWiki_Diffsets.zip", "w") as z:
+        z.writestr("TWiki_Diffsets/wikipedia_0901_1001_subset.csv",
+                   pd.DataFrame({"id": [12, 15], "url": ["u12", "u15"], "title": ["Mara Keller", "Lumo Air"],
+                                 "text": ["Mara Keller moved to Osterby.", "Lumo Air is a drone made by Nova Labs."]}
+                                ).to_csv(index=False))
+        z.writestr("TWiki_Diffsets/wikipedia_1001_1101_subset.csv", "id,url,title,text\n1,u,X,not requested\n")
+        # Also unpacked beside the zip: must be read once, not twice.
+        z.write(root / "TWiki_Diffsets" / "wikipedia_0801_0901_subset.csv", "TWiki_Diffsets/wikipedia_0801_0901_subset.csv")
+    with zipfile.ZipFile(root / "TWiki_Probes.zip", "w") as z:
+        z.writestr("TWiki_Probes/0901-1001_changed.csv",
+                   "subject,relation,object\nMara Keller,residence,Osterby\nLumo Air,manufacturer,Nova Labs\n")
+        z.writestr("TWiki_Probes/0901-1001_unchanged.csv",
+                   "subject,relation,object\nMara Keller,occupation,chemist\n")
+    if base:
+        pd.DataFrame({"id": [12, 13], "title": ["Mara Keller", "Osterby"],
+                      "text": ["Mara Keller is a chemist at Acme.", "Osterby is a town in Valdoria."]}
+                     ).to_csv(root / "wikipedia_0801.csv", index=False)
+    return root
+
+
+TW = {"periods": ["0801-0901", "0901-1001"]}
+
+
+def test_temporalwiki_local_dir_unpacked_and_zipped(tmp_path):
+    root = write_temporalwiki(tmp_path / "tw")
+    out = tmp_path / "corpus"
+    download.run({"source": "temporalwiki", "temporalwiki": {**TW, "local_dir": str(root)}}, out=str(out))
+    t, m = read(out)
+    docs = t["documents"]
+    assert set(docs["kind"]) == {"diff"}
+    assert docs.groupby("snapshot").size().to_dict() == {1: 3, 2: 2}
+    assert m["base_snapshot"] == "missing" and m["counts"]["documents"]["0"] == 0
+    assert [s["label"] for s in m["snapshots"]] == ["0801", "0801-0901", "0901-1001"]
+    # The same Wikipedia page id keeps its doc_id across periods.
+    assert set(docs[docs["snapshot"] == 2]["doc_id"]) == {"12", "15"}
+    assert "not requested" not in " ".join(docs["text"])
+
+    probes = t["probes_raw"].set_index(["period", "subject", "relation"])
+    # Mara Keller has unchanged facts in period 1, so she was known: updated. Nova Labs: new.
+    assert probes.loc[(1, "Mara Keller", "employer"), "set"] == "updated"
+    assert probes.loc[(1, "Nova Labs", "instance of"), "set"] == "new"
+    assert probes.loc[(1, "Osterby", "country"), "set"] == "unchanged"
+    assert probes.loc[(2, "Lumo Air", "manufacturer"), "set"] == "new"
+    assert probes.loc[(2, "Mara Keller", "residence"), "set"] == "updated"
+    assert set(t["probes_raw"]["prefix"]) == {""}
+
+    tr = t["triples"]
+    occupation = tr[(tr["subject"] == "Mara Keller") & (tr["relation"] == "occupation")]
+    assert sorted(occupation["snapshot"]) == [0, 1, 2]  # unchanged in both periods
+    employer = tr[(tr["subject"] == "Mara Keller") & (tr["relation"] == "employer")]
+    assert list(employer["snapshot"]) == [1] and list(employer["object_id"]) == ["Nova Labs"]
+    assert tr[tr["object"] == "chemist"]["object_id"].isna().all()
+    ent = t["entities"]
+    assert {"Mara Keller", "Osterby", "Nova Labs", "Lumo Air", "Valdoria"} <= set(ent["entity_id"])
+    assert "chemist" not in set(ent["entity_id"])
+    assert m["counts"]["probes"]["1/new"] == 1
+    assert not list(out.rglob("*.csv"))  # unpacked archives are not left in the corpus
+
+
+def test_temporalwiki_base_file_becomes_snapshot_0_and_cap(tmp_path):
+    root = write_temporalwiki(tmp_path / "tw", base=True)
+    out = tmp_path / "corpus"
+    download.run({"source": "temporalwiki",
+                  "temporalwiki": {**TW, "local_dir": str(root), "max_docs_per_period": 2}}, out=str(out))
+    t, m = read(out)
+    docs = t["documents"]
+    assert m["base_snapshot"] == "present"
+    assert docs[docs["snapshot"] == 0]["kind"].tolist() == ["full", "full"]
+    assert docs.groupby("snapshot").size().to_dict() == {0: 2, 1: 2, 2: 2}
+
+
+def test_temporalwiki_missing_period_lists_the_files_found(tmp_path):
+    root = write_temporalwiki(tmp_path / "tw")
+    with pytest.raises(InputError, match=r"no probe .* period 1001-1101.*0801-0901_changed\.csv.*"
+                       r"TWiki_Diffsets\.zip:TWiki_Diffsets/wikipedia_1001_1101_subset\.csv"):
+        download.run({"source": "temporalwiki",
+                      "temporalwiki": {"periods": ["0801-0901", "1001-1101"], "local_dir": str(root)}},
+                     out=str(tmp_path / "corpus"))
+    assert_nothing_left(tmp_path)
+    with pytest.raises(InputError, match=r"no diff .* period 1101-1201"):
+        download.run({"source": "temporalwiki",
+                      "temporalwiki": {"periods": ["0801-0901", "1101-1201"], "local_dir": str(root)}},
+                     out=str(tmp_path / "corpus"))
+    assert_nothing_left(tmp_path)
+
+
+def test_temporalwiki_from_the_hub(tmp_path, monkeypatch):
+    """The hub path with the network call replaced by a folder holding the hub's zips."""
+    hub = tmp_path / "hub"
+    write_temporalwiki(tmp_path / "tw")
+    hub.mkdir()
+    for name in ("TWiki_Diffsets.zip", "TWiki_Probes.zip"):
+        (hub / name).write_bytes((tmp_path / "tw" / name).read_bytes())
+    # Period 1 probes in the zip too, as the hub ships them (its diffs are there already).
+    with zipfile.ZipFile(hub / "TWiki_Probes.zip", "a") as z:
+        for s in ("changed", "unchanged"):
+            z.write(tmp_path / "tw" / "TWiki_Probes" / f"0801-0901_{s}.csv", f"TWiki_Probes/0801-0901_{s}.csv")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision, allow_patterns):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(hub)
+
+    monkeypatch.setattr(temporalwiki, "_snapshot_download", fake_snapshot_download)
+    out = tmp_path / "corpus"
+    download.run({"source": "temporalwiki", "temporalwiki": {**TW, "revision": "abc"}}, out=str(out))
+    (repo_id, revision, patterns), = calls
+    assert repo_id == "seonghyeonye/TemporalWiki" and revision == "abc"
+    assert "TWiki_Diffsets.zip" in patterns and "TWiki_Probes.zip" in patterns
+    assert "Wikipedia_Full.zip" not in patterns  # 24.7 GB: only when asked
+    t, _ = read(out)
+    assert t["documents"].groupby("snapshot").size().to_dict() == {1: 3, 2: 2}
+    assert "Wikipedia_Full.zip" in temporalwiki.hub_patterns(temporalwiki.with_defaults({"download_base": True}))
+
+
+# --- ECBD --------------------------------------------------------------------------------------
+
+def ecbd_record(title, pageid, year, name, sentence, answer, definition, answer_d=True):
+    rec = {"ex_id": f"{title}_{pageid}_0_1", "masked_sentence": sentence,
+           "answer_str": f"<extra_id_0> {answer} <extra_id_1>", "span_type": "NP-PROPER",
+           "definition": definition, "year": str(year), "entity_span_str": name, "entity_span_loc": [0, 1]}
+    if answer_d:
+        rec["answer_d"] = {"<extra_id_0>": answer}
+    return rec
+
+
+ECBD = [
+    ecbd_record("Old_Thing", 1, 2017, "Old Thing", "Old Thing was built by <extra_id_0> in Ohio.", "Acme Corp",
+                ["[ENT_START]Old Thing[ENT_END] ([ENT_START]OT[ENT_END]) is a bridge.", "It spans a river."]),
+    ecbd_record("GPT-2", 66045029, 2019, "GPT-2", "The GPT-2 model has <extra_id_0>, and was trained.",
+                "1.5 billion parameters",
+                ["[ENT_START]Generative Pre-trained Transformer 2[ENT_END] ([ENT_START]GPT-2[ENT_END]) is a model."],
+                answer_d=False),
+    ecbd_record("GPT-2", 66045029, 2019, "GPT-2", "GPT-2 was created by <MASK>.", "OpenAI", ["ignored, seen before"]),
+    ecbd_record("Vaccine_X", 7, 2020, "Vaccine X", "Vaccine X was approved in <extra_id_0>.", "Valdoria",
+                "[ENT_START]Vaccine X[ENT_END] is a vaccine."),
+]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_ecbd_years_become_snapshots(tmp_path):
+    path = write_jsonl(tmp_path / "ecbd.json", ECBD)
+    out = tmp_path / "corpus"
+    download.run({"source": "ecbd", "ecbd": {"path": str(path)}}, out=str(out))
+    t, m = read(out)
+    assert [s["label"] for s in m["snapshots"]] == ["<=2017", "2019", "2020"]
+    docs = t["documents"]
+    # An entity's article exists from its year on.
+    assert sorted(docs[docs["doc_id"] == "GPT-2_66045029"]["snapshot"]) == [1, 2]
+    assert sorted(docs[docs["doc_id"] == "Old_Thing_1"]["snapshot"]) == [0, 1, 2]
+    gpt = docs[docs["doc_id"] == "GPT-2_66045029"]["text"].iloc[0]
+    assert gpt == "Generative Pre-trained Transformer 2 (GPT-2) is a model."
+    assert set(docs["kind"]) == {"full"}
+    ent = t["entities"].set_index("entity_id")
+    assert list(ent.loc["GPT-2_66045029", "aliases"]) == ["Generative Pre-trained Transformer 2"]
+    assert list(ent.loc["Old_Thing_1", "aliases"]) == ["OT"]
+    p = t["probes_raw"].set_index("object")
+    assert p.loc["1.5 billion parameters", "prefix"] == "The GPT-2 model has"
+    assert p.loc["OpenAI", "prefix"] == "GPT-2 was created by"
+    assert (p.loc["OpenAI", "period"], p.loc["OpenAI", "set"]) == (1, "new")
+    assert (p.loc["Acme Corp", "period"], p.loc["Acme Corp", "set"]) == (0, "unchanged")
+    assert p.loc["Valdoria", "period"] == 2
+    assert t["triples"].empty and str(t["triples"]["snapshot"].dtype) == "int64"
+
+
+def test_ecbd_base_year_and_url(tmp_path):
+    """Download over http (a server on localhost), years <= base_year in T0."""
+    write_jsonl(tmp_path / "ecbd.json", ECBD)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/ecbd.json"
+        out = tmp_path / "out" / "corpus"
+        download.run({"source": "ecbd", "ecbd": {"path": url, "base_year": 2019}}, out=str(out))
+        with pytest.raises(InputError, match="download failed"):
+            download.run({"source": "ecbd", "ecbd": {"path": url.replace("ecbd.json", "nope.json")}},
+                         out=str(tmp_path / "out" / "corpus2"))
+    finally:
+        server.shutdown()
+    t, m = read(out)
+    assert [s["label"] for s in m["snapshots"]] == ["<=2019", "2020"]
+    assert not list(out.rglob("ecbd.json"))
+    assert_nothing_left(tmp_path / "out", "corpus2")
+
+
+def test_ecbd_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "ecbd.jsonl"
+    path.write_text(json.dumps(ECBD[0]) + "\n" + '{"ex_id": "broken",\n')
+    with pytest.raises(InputError, match=r"ecbd\.jsonl:2: malformed JSON"):
+        download.run({"source": "ecbd", "ecbd": {"path": str(path)}}, out=str(tmp_path / "corpus"))
+    assert_nothing_left(tmp_path)
+
+
+# --- local -------------------------------------------------------------------------------------
+
+LOCAL_DOCS = [
+    {"id": "a", "title": "Mara Keller", "snapshot": "2020", "body": "Mara Keller works for Nova Labs."},
+    {"id": "b", "title": "Nova Labs", "snapshot": "2020", "body": "Nova Labs is based in Osterby."},
+    {"id": "a", "title": "Mara Keller", "snapshot": "2021", "body": "Mara Keller works for Acme."},
+    {"id": "b", "title": "Nova Labs", "snapshot": "2021", "body": "Nova Labs is based in Osterby."},
+    {"id": "c", "title": "Acme", "snapshot": "2021", "body": "Acme hired Mara Keller."},
+]
+LOCAL = {"text_field": "body", "id_field": "id", "title_field": "title"}
+
+
+def test_local_jsonl_with_labels_triples_and_inventory(tmp_path):
+    docs = write_jsonl(tmp_path / "docs.jsonl", LOCAL_DOCS)
+    pd.DataFrame({"snapshot": ["2020", "2021", "2020", "2021"], "subject": ["Mara Keller"] * 2 + ["Nova Labs"] * 2,
+                  "relation": ["employer", "employer", "headquarters", "headquarters"],
+                  "object": ["Nova Labs", "Acme", "Osterby", "Osterby"]}).to_csv(tmp_path / "triples.csv", index=False)
+    pd.DataFrame({"entity_id": ["Q1", "Q2", "Q3", "Q4"], "name": ["Mara Keller", "Nova Labs", "Acme", "Osterby"],
+                  "aliases": ["Keller|M. Keller", "NL", "", "Osterby Town"]}).to_csv(tmp_path / "ent.csv", index=False)
+    out = tmp_path / "corpus"
+    download.run({"source": "local", "local": {**LOCAL, "documents": str(docs), "triples": str(tmp_path / "triples.csv"),
+                                               "entities": str(tmp_path / "ent.csv")}}, out=str(out))
+    t, m = read(out)
+    assert [s["label"] for s in m["snapshots"]] == ["2020", "2021"]
+    d = t["documents"]
+    assert d.groupby("snapshot").size().to_dict() == {0: 2, 1: 3}
+    assert d[(d["doc_id"] == "a") & (d["snapshot"] == 1)]["text"].item() == "Mara Keller works for Acme."
+    assert d[d["doc_id"] == "c"]["title"].item() == "Acme"
+    ent = t["entities"].set_index("entity_id")
+    assert list(ent.loc["Q1", "aliases"]) == ["Keller", "M. Keller"] and list(ent.loc["Q3", "aliases"]) == []
+    tr = t["triples"]
+    assert set(tr["subject_id"]) == {"Q1", "Q2"} and set(tr["object_id"]) == {"Q2", "Q3", "Q4"}
+    assert m["counts"]["entity_changes"]["1"] == {"new": 0, "updated": 1, "unchanged": 1}
+
+
+def test_local_csv_timestamps_cut_by_boundaries(tmp_path):
+    rows = [{"when": "2020-03-01", "text": "Early text about Mara Keller."},
+            {"when": "2020-12-31T23:00:00", "text": "Late 2020 text."},
+            {"when": "2021-01-01", "text": "Text of 2021 (on the boundary)."},
+            {"when": "2021-07-01", "text": "Summer 2021 text."},
+            {"when": "2022-02-01", "text": "Text of 2022."}]
+    pd.DataFrame(rows).to_csv(tmp_path / "docs.csv", index=False)
+    pd.DataFrame({"snapshot": ["T0", "2021-06-01"], "subject": ["Mara Keller", "Mara Keller"],
+                  "relation": ["employer", "employer"], "object": ["Nova Labs", "Acme"]}
+                 ).to_parquet(tmp_path / "triples.parquet")
+    out = tmp_path / "corpus"
+    download.run({"source": "local", "local": {"documents": str(tmp_path / "docs.csv"), "time_field": "when",
+                                               "boundaries": ["2021-01-01", "2022-01-01"],
+                                               "triples": str(tmp_path / "triples.parquet")}}, out=str(out))
+    t, m = read(out)
+    assert [s["label"] for s in m["snapshots"]] == ["T0", "2021-01-01", "2022-01-01"]
+    assert list(t["documents"].sort_values("doc_id")["snapshot"]) == [0, 0, 1, 1, 2]
+    assert list(t["triples"]["snapshot"]) == [0, 1]
+    # Without an inventory: subjects and entity-like objects, entity_id = name.
+    assert sorted(t["entities"]["entity_id"]) == ["Acme", "Mara Keller", "Nova Labs"]
+
+
+def test_local_parquet_with_integer_snapshots(tmp_path):
+    pd.DataFrame({"snapshot": [3, 1, 1, 3], "doc": ["x", "x", "y", "y"],
+                  "text": ["X later.", "X first.", "Y first.", "Y first."]}).to_parquet(tmp_path / "d.parquet")
+    out = tmp_path / "corpus"
+    download.run({"source": "local", "local": {"documents": str(tmp_path / "d.parquet"), "id_field": "doc"}},
+                 out=str(out))
+    t, m = read(out)
+    assert [s["label"] for s in m["snapshots"]] == ["1", "3"]
+    assert t["documents"].groupby("snapshot").size().to_dict() == {0: 2, 1: 2}
+    assert t["entities"].empty and list(t["entities"].columns) == ["entity_id", "name", "aliases", "type"]
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+def error_cases(tmp_path):
+    docs = write_jsonl(tmp_path / "docs.jsonl", LOCAL_DOCS)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,snapshot\n")
+    ts = tmp_path / "ts.csv"
+    pd.DataFrame({"snapshot": ["2020-01-01", "2022-06-01"], "text": ["a", "b"]}).to_csv(ts, index=False)
+    return [
+        ({"source": "wikipedia"}, "unknown source 'wikipedia'"),
+        ({"source": "synthetic", "synthetic": {"n_entitys": 5}}, "unknown key"),
+        ({"source": "local", "local": {**LOCAL, "text_field": "content", "documents": str(docs)}},
+         r"docs\.jsonl: missing column\(s\) \['content'\]"),
+        ({"source": "local", "local": {"documents": str(tmp_path / "nope.jsonl")}}, r"nope\.jsonl: file not found"),
+        ({"source": "local", "local": {"documents": str(empty)}}, "no documents"),
+        ({"source": "local", "local": {"documents": str(ts), "boundaries": ["2021-01-01", "2022-01-01"]}},
+         r"snapshot 1 \(2021-01-01\) has no documents"),
+        ({"source": "local", "local": {**LOCAL, "documents": str(docs), "id_field": "snapshot"}}, "appears twice"),
+        ({"source": "local", "local": {}}, "data.local.documents"),
+        ({"source": "ecbd", "ecbd": {}}, "data.ecbd.path"),
+        ({"source": "temporalwiki", "temporalwiki": {"local_dir": str(tmp_path / "nowhere")}}, "file not found"),
+    ]
+
+
+def test_errors_leave_no_corpus(tmp_path):
+    for i, (params, message) in enumerate(error_cases(tmp_path)):
+        with pytest.raises(InputError, match=message):
+            download.run(params, out=str(tmp_path / "corpus"))
+        assert_nothing_left(tmp_path)
+
+
+def test_cli_download_and_error_exit(tmp_path, capsys):
+    out = tmp_path / "corpus"
+    params = json.dumps({"source": "synthetic", "synthetic": {"n_entities": 20, "docs_per_entity": 1}})
+    assert cli.main(["download", "--params", params, "--out", str(out)]) == 0
+    t, m = read(out)
+    assert m["source"] == "synthetic" and len(t["documents"]) == 20 + 22 + 24
+    assert cli.main(["download", "--params", '{"source": "nope"}', "--out", str(tmp_path / "c2")]) == 2
+    assert "unknown source" in capsys.readouterr().err
+    assert_nothing_left(tmp_path, "c2")
