@@ -1,0 +1,226 @@
+"""The base model: the language model that "knows" T0 before continual pretraining.
+
+`source: scratch` (the embedded default) trains a byte-level BPE tokenizer and a small
+GPT-2 on the T0 text (split `base`), so that the T0 facts are known and a later
+update has an old value to overwrite. `source: pretrained` loads a hub id or local
+folder, `source: gguf` a GGUF file; with `teach_t0` either one is fine-tuned on T0
+text the same way.
+
+Outputs `base_model/`: `model/` (save_pretrained), `metrics.json` (T0 probe accuracy
+and perplexity, training loss, parameter count, time), `train_log.csv` (step, loss, lr).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .io import InputError, atomic_output, read_table, write_json
+from .models import load_model, save_model
+from .scoring import score_probes, summarize
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+DEFAULTS = {
+    "source": "scratch", "name_or_path": None, "gguf_file": None, "revision": None,
+    "architecture": {"n_layer": 6, "n_embd": 128, "n_head": 4, "n_positions": 128},
+    "tokenizer": {"vocab_size": 2048},
+    "pretrain": {"steps": 1500, "batch_size": 32, "lr": 1.0e-3, "seq_len": 128, "seed": 0},
+    "teach_t0": False,
+}
+WARMUP_FRACTION = 0.05  # of the steps, linear warm-up before the cosine decay
+MIN_LR_FRACTION = 0.1   # cosine decays to this share of the peak learning rate
+WEIGHT_DECAY = 0.1      # on matrices only (nanoGPT), not on biases, norms
+GRAD_CLIP = 1.0
+
+
+def with_defaults(params: dict | None) -> dict:
+    params = dict(params or {})
+    unknown = set(params) - set(DEFAULTS)
+    if unknown:
+        raise InputError(f"model params: unknown key(s) {sorted(unknown)}")
+    out = {}
+    for key, default in DEFAULTS.items():
+        value = params.get(key, default)
+        if isinstance(default, dict):
+            value = dict(value or {})
+            bad = set(value) - set(default)
+            if bad:
+                raise InputError(f"model params: unknown key(s) {sorted(bad)} in {key!r}")
+            value = {**default, **value}
+        out[key] = value
+    if out["source"] not in ("scratch", "pretrained", "gguf"):
+        raise InputError(f"model params: source must be scratch, pretrained or gguf, got {out['source']!r}")
+    if out["source"] != "scratch" and not out["name_or_path"]:
+        raise InputError(f"model params: source {out['source']!r} needs name_or_path")
+    if out["source"] == "gguf" and not out["gguf_file"]:
+        raise InputError("model params: source 'gguf' needs gguf_file")
+    return out
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def t0_texts(split_dir) -> list[str]:
+    path = Path(split_dir) / "sequences.parquet"
+    df = read_table(path, ["seq_id", "split", "text"])
+    df = df[df["split"] == "base"]
+    if df.empty:
+        raise InputError(f"{path}: no T0 text (rows with split == 'base')")
+    return df["text"].astype(str).tolist()
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE (GPT-2 style: no unknown tokens) wrapped as a fast HF tokenizer
+    whose BOS, EOS and pad are one `<|endoftext|>` token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS)
+
+
+def build_gpt2(arch: dict, tokenizer):
+    """A GPT-2 without dropout: the small model has to memorise the T0 facts in few steps."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=arch["n_positions"], n_embd=arch["n_embd"],
+                        n_layer=arch["n_layer"], n_head=arch["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    return GPT2LMHeadModel(config)
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All texts tokenized and joined, each followed by EOS."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warm-up, then cosine decay to MIN_LR_FRACTION * lr."""
+    warmup = max(1, int(WARMUP_FRACTION * steps))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pretrain(model, tokenizer, texts: list[str], steps: int, batch_size: int, lr: float, seq_len: int,
+             seed: int) -> list[dict]:
+    """Train on random `seq_len` windows of the T0 token stream (nanoGPT's get_batch:
+    windows drawn with a seeded generator, so every fact is seen at many offsets and
+    with its preceding context). Returns the log rows (step, loss, lr)."""
+    dev = next(model.parameters()).device
+    stream = token_stream(tokenizer, texts)
+    max_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    seq_len = min(seq_len, len(stream) - 1, max_pos or seq_len)
+    if seq_len < 2:
+        raise InputError(f"T0 text too short to train on ({len(stream)} tokens)")
+    gen = torch.Generator().manual_seed(seed)
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    model.train()
+    rows = []
+    bar = tqdm(range(steps), desc="pretrain T0", mininterval=2)
+    for step in bar:
+        cur = lr_at(step, steps, lr)
+        for group in opt.param_groups:
+            group["lr"] = cur
+        starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=gen)
+        x = torch.stack([stream[s:s + seq_len] for s in starts.tolist()]).to(dev)
+        loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        rows.append({"step": step, "loss": float(loss.detach()), "lr": cur})
+        bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", refresh=False)
+    model.eval()
+    return rows
+
+
+def t0_probes(probes_dir) -> pd.DataFrame:
+    path = Path(probes_dir) / "probes.parquet"
+    df = read_table(path, ["probe_id", "period", "set", "prefix", "object", "statement"])
+    return df[df["period"] == 0].reset_index(drop=True)
+
+
+def build_base_model(params: dict, texts: list[str], dev: torch.device | None = None):
+    """(model, tokenizer, log rows): a new GPT-2 trained on `texts`, or a loaded model,
+    fine-tuned on them when `teach_t0`."""
+    params = with_defaults(params)
+    pre = params["pretrain"]
+    torch.manual_seed(pre["seed"])
+    if params["source"] == "scratch":
+        tokenizer = train_tokenizer(texts, params["tokenizer"]["vocab_size"])
+        tokenizer.model_max_length = params["architecture"]["n_positions"]
+        model = build_gpt2(params["architecture"], tokenizer)
+        steps = pre["steps"]
+    else:
+        model, tokenizer = load_model(params["name_or_path"], revision=params["revision"],
+                                      gguf_file=params["gguf_file"] if params["source"] == "gguf" else None)
+        steps = pre["steps"] if params["teach_t0"] else 0
+    model.to(dev or device())
+    rows = pretrain(model, tokenizer, texts, steps, pre["batch_size"], pre["lr"], pre["seq_len"],
+                    pre["seed"]) if steps else []
+    model.eval()
+    return model, tokenizer, rows
+
+
+def _deterministic(dev: torch.device) -> None:
+    # Only on CPU: on CUDA it needs CUBLAS_WORKSPACE_CONFIG set before start-up.
+    if dev.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+
+
+def run(params: dict, corpus, split, probes, out) -> None:
+    params = with_defaults(params)
+    dev = device()
+    _deterministic(dev)
+    started = time.time()
+    texts = t0_texts(split)
+    model, tokenizer, rows = build_base_model(params, texts, dev)
+    steps = len(rows)
+    train_time = time.time() - started
+
+    probe_df = t0_probes(probes)
+    summary = summarize(score_probes(model, tokenizer, probe_df, batch_size=32))
+    tail = [r["loss"] for r in rows[-max(1, len(rows) // 20):]]
+    metrics = {
+        "source": params["source"],
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "steps": steps,
+        "t0_sequences": len(texts),
+        "final_train_loss": sum(tail) / len(tail) if tail else None,  # mean of the last 5% of steps
+        "train_time_s": round(train_time, 1),
+        "device": str(dev),
+        "t0_probes": summary,  # per set: object_ppl, statement_ppl, top1, n
+    }
+    with atomic_output(out) as tmp:
+        save_model(model, tokenizer, tmp / "model")
+        pd.DataFrame(rows, columns=["step", "loss", "lr"]).to_csv(tmp / "train_log.csv", index=False)
+        write_json(metrics, tmp / "metrics.json")
+    acc = ", ".join(f"{k} top1={v['top1']:.3f} obj_ppl={v['object_ppl']:.2f} (n={v['n']})" for k, v in summary.items())
+    log.info("base model (%s): %d params, %d steps in %.0f s, final loss %s; T0 probes: %s", params["source"],
+             metrics["n_params"], steps, train_time,
+             f"{metrics['final_train_loss']:.3f}" if tail else "-", acc or "none")

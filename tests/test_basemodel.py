@@ -1,0 +1,86 @@
+"""The base model stage on a tiny hand-written T0: it learns, saves and reloads."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from gradloc import basemodel
+from gradloc.io import InputError
+from gradloc.models import load_model, save_model
+
+torch.set_num_threads(1)
+
+FACTS = [("Mara Kelston", "works for", "Velona Freight Lines"), ("Tomas Brenner", "lives in", "Osterby"),
+         ("Elin Dorford", "works for", "Quanix Power Company"), ("Jonah Vestberg", "lives in", "Kelmar"),
+         ("Vera Halden", "works for", "Ardora Media House"), ("Anton Morley", "lives in", "Bromford")]
+PARAMS = {"architecture": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 32},
+          "tokenizer": {"vocab_size": 300},
+          "pretrain": {"steps": 50, "batch_size": 8, "lr": 1e-2, "seq_len": 32, "seed": 0}}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t0")
+    texts = [f"{s} {r} {o}. {s} is well known. People say {s} {r} {o}." for s, r, o in FACTS]
+    (root / "split").mkdir()
+    pd.DataFrame({"seq_id": [f"b{i}" for i in range(len(texts))], "period": 0, "split": "base",
+                  "doc_id": [f"d{i}" for i in range(len(texts))], "origin": "base",
+                  "text": texts}).to_parquet(root / "split" / "sequences.parquet")
+    (root / "probes").mkdir()
+    pd.DataFrame({"probe_id": [f"p{i}" for i in range(len(FACTS))], "period": 0, "set": "unchanged",
+                  "subject_id": "x", "subject": [s for s, _, _ in FACTS], "relation": "r",
+                  "object": [o for _, _, o in FACTS], "prefix": [f"{s} {r}" for s, r, _ in FACTS],
+                  "statement": [f"{s} {r} {o}" for s, r, o in FACTS]}).to_parquet(root / "probes" / "probes.parquet")
+    out = root / "base_model"
+    basemodel.run(PARAMS, corpus=root / "corpus", split=root / "split", probes=root / "probes", out=out)
+    return root, out
+
+
+def test_loss_goes_down_and_metrics(inputs):
+    _, out = inputs
+    log = pd.read_csv(out / "train_log.csv")
+    assert list(log["step"]) == list(range(50))
+    assert log["loss"].tail(5).mean() < 0.6 * log["loss"].head(5).mean()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["t0_probes"]["unchanged"]["n"] == len(FACTS)
+    assert metrics["steps"] == 50 and metrics["n_params"] > 0
+    assert metrics["final_train_loss"] == pytest.approx(log["loss"].tail(2).mean())
+
+
+def test_reload_identical_logits(inputs, tmp_path):
+    texts = pd.read_parquet(inputs[0] / "split" / "sequences.parquet")["text"].tolist()
+    params = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "steps": 5}}
+    model, tokenizer, rows = basemodel.build_base_model(params, texts, torch.device("cpu"))
+    assert len(rows) == 5
+    save_model(model, tokenizer, tmp_path / "m")
+    model2, tokenizer2 = load_model(tmp_path / "m")
+    assert tokenizer2.pad_token == tokenizer2.eos_token == "<|endoftext|>"
+    assert model2.config.n_layer == 2 and model2.config.n_embd == 32
+    ids = tokenizer2("Mara Kelston works for", return_tensors="pt")["input_ids"]
+    assert ids.tolist() == tokenizer("Mara Kelston works for", return_tensors="pt")["input_ids"].tolist()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, model2.eval()(ids).logits)
+    # byte-level BPE: no unknown tokens, text round-trips
+    text = "Vera Halden works for Ärdora!"
+    assert tokenizer2.decode(tokenizer2(text)["input_ids"]) == text
+
+
+def test_deterministic(inputs, tmp_path):
+    root, out = inputs
+    basemodel.run(PARAMS, corpus=root / "corpus", split=root / "split", probes=root / "probes",
+                  out=tmp_path / "again")
+    a = pd.read_csv(out / "train_log.csv")
+    b = pd.read_csv(tmp_path / "again" / "train_log.csv")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_bad_params(inputs, tmp_path):
+    root, _ = inputs
+    with pytest.raises(InputError, match="name_or_path"):
+        basemodel.run({"source": "pretrained"}, corpus=None, split=root / "split", probes=root / "probes",
+                      out=tmp_path / "x")
+    with pytest.raises(InputError, match="unknown key"):
+        basemodel.run({"pretrain": {"stepz": 3}}, corpus=None, split=root / "split", probes=root / "probes",
+                      out=tmp_path / "x")
