@@ -163,7 +163,7 @@ def test_bad_shipped_set_name(tmp_path):
 
 def test_empty_period_is_an_error(tmp_path):
     # No snapshot-1 article holds any object: period 0 is fine, period 1 has nothing left.
-    docs = [d for d in DOCS if d[1] == 0] + [("x", 1, "X", "Nothing to see.")]
+    docs = [d for d in DOCS if d[1] == 0] + [("al", 1, "Alice", "Nothing to see.")]
     with pytest.raises(InputError, match="period 1"):
         run_probes(tmp_path, NO_CAPS, docs=docs)
     assert not (tmp_path / "probes").exists()
@@ -171,3 +171,79 @@ def test_empty_period_is_an_error(tmp_path):
 
 def test_default_prefix_replaces_underscores():
     assert probes.default_prefix("Alice", "place_of_birth") == "Alice place of birth"
+
+
+# --- on the synthetic world --------------------------------------------------------------------
+
+def synthetic_corpus(path, **params):
+    from gradloc.data.synthetic import generate
+    world = generate(params)
+    path.mkdir(parents=True)
+    for name in ("documents", "triples", "entities"):
+        world[name].to_parquet(path / f"{name}.parquet")
+    n = world["documents"]["snapshot"].max() + 1
+    (path / "manifest.json").write_text(json.dumps(
+        {"source": "synthetic", "snapshots": [{"index": i, "label": f"T{i}"} for i in range(n)]}))
+    return path, world
+
+
+def test_synthetic_probes(tmp_path):
+    from gradloc.data.synthetic import probe_prefix
+    corpus, world = synthetic_corpus(tmp_path / "corpus")
+    # The caps proposed for config/config.yaml: loose enough for a world of 17 relations.
+    params = {"subject_cap": 0.05, "relation_cap": 0.25}
+    probes.run(params, corpus=str(corpus), tagged=str(tmp_path / "tagged"), out=str(tmp_path / "probes"))
+    df = pd.read_parquet(tmp_path / "probes" / "probes.parquet")
+    sizes = df.groupby(["period", "set"]).size()
+    for k in (1, 2):
+        for name in probes.SETS:
+            assert sizes[k, name] >= 30, (k, name, sizes[k, name])
+    # Probes use the generator's phrasing, which no document uses.
+    assert (df["prefix"] == [probe_prefix(s, r) for s, r in zip(df["subject"], df["relation"])]).all()
+    all_text = "\n".join(world["documents"]["text"])
+    assert not any(p in all_text for p in df["prefix"].drop_duplicates().head(200))
+    # Each outdated probe is the fact its updated probe replaced: same prefix, the old object.
+    tri = world["triples"]
+    for row in df[df["set"] == "outdated"].itertuples():
+        upd = df[(df["period"] == row.period) & (df["set"] == "updated") & (df["subject_id"] == row.subject_id)
+                 & (df["relation"] == row.relation)]
+        assert len(upd) == 1 and upd["prefix"].iat[0] == row.prefix and upd["object"].iat[0] != row.object
+        was = tri[(tri["snapshot"] == row.period - 1) & (tri["subject_id"] == row.subject_id)
+                  & (tri["relation"] == row.relation)]["object"]
+        assert was.tolist() == [row.object]
+    # Tight TWiki caps keep fewer updated probes in a world this small.
+    probes.run({}, corpus=str(corpus), tagged=str(tmp_path / "tagged"), out=str(tmp_path / "tight"))
+    tight = pd.read_parquet(tmp_path / "tight" / "probes.parquet").groupby(["period", "set"]).size()
+    assert tight[1, "updated"] < sizes[1, "updated"]
+
+
+def test_synthetic_probes_through_the_cli(tmp_path):
+    from gradloc.cli import main
+    corpus = tmp_path / "corpus"
+    data = {"source": "synthetic", "synthetic": {"n_entities": 60, "docs_per_entity": 1}}
+    rc = [main(["download", "--params", json.dumps(data), "--out", str(corpus)]),
+          main(["split", "--corpus", str(corpus), "--out", str(tmp_path / "split")]),
+          main(["tag", "--corpus", str(corpus), "--split", str(tmp_path / "split"), "--out", str(tmp_path / "tagged")]),
+          main(["probes", "--params", '{"apply_caps": false}', "--corpus", str(corpus),
+                "--tagged", str(tmp_path / "tagged"), "--out", str(tmp_path / "probes")])]
+    assert rc == [0, 0, 0, 0]
+    df = pd.read_parquet(tmp_path / "probes" / "probes.parquet")
+    status = pd.read_parquet(tmp_path / "tagged" / "entity_status.parquet")
+    # Probes and tagger agree on which subjects are new.
+    new = df[(df["set"] == "new")].merge(status, left_on=["period", "subject_id"], right_on=["period", "entity_id"])
+    assert len(new) > 0 and (new["status"] == "new").all()
+    upd = df[(df["set"] == "updated")].merge(status, left_on=["period", "subject_id"],
+                                              right_on=["period", "entity_id"])
+    assert len(upd) > 0 and (upd["status"] == "updated").all()
+
+
+def test_shipped_probes_skip_caps_and_text_filter_without_articles(tmp_path):
+    # TemporalWiki without its base dump: no articles anywhere, probes shipped per period.
+    raw = pd.DataFrame([(1, "unchanged", f"S{i}", "rel", f"O{i}", "") for i in range(40)],
+                       columns=["period", "set", "subject", "relation", "object", "prefix"])
+    triples = [(0, f"S{i}", f"S{i}", "rel", f"O{i}") for i in range(40)]
+    triples += [(1, f"S{i}", f"S{i}", "rel", f"O{i}") for i in range(40)]
+    df = run_probes(tmp_path, {"relation_cap": 0.05}, triples=triples, docs=[("x", 1, "X", "diff only")], raw=raw)
+    assert len(facts(df, 1, "unchanged")) == 40  # no relation cap on shipped probes
+    # Period 0 comes from the triples: caps apply, the text filter cannot (no T0 article).
+    assert len(facts(df, 0, "unchanged")) == 2  # ceil(0.05 * 40) for the one relation

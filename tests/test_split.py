@@ -139,3 +139,16 @@ def test_bad_kind_and_unknown_snapshot(tmp_path):
         run_split(tmp_path / "a", [("a", 0, "A", "x", "patch"), ("a", 1, "A", "y", "full")])
     with pytest.raises(InputError, match=r"snapshot\(s\) \[2\]"):
         run_split(tmp_path / "b", [("a", 0, "A", "x", "full"), ("a", 2, "A", "y", "full")])
+
+
+def test_base_may_be_missing_only_when_the_corpus_says_so(tmp_path):
+    docs = [("d1", 1, "D", "Some diff text about a thing.", "diff")]
+    with pytest.raises(InputError, match="snapshot 0"):
+        run_split(tmp_path / "a", docs)
+    corpus = write_corpus(tmp_path / "b" / "corpus", docs)
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    (corpus / "manifest.json").write_text(json.dumps({**manifest, "base_snapshot": "missing"}))
+    split.run({}, corpus=str(corpus), out=str(tmp_path / "b" / "split"))
+    seqs = pd.read_parquet(tmp_path / "b" / "split" / "sequences.parquet")
+    assert seqs["period"].tolist() == [1]
+    assert json.loads((tmp_path / "b" / "split" / "manifest.json").read_text())["base_missing"] is True

@@ -157,3 +157,71 @@ def test_missing_entities_file_is_named(tmp_path):
         tagging.run({}, corpus=str(tmp_path / "corpus"), split=str(tmp_path / "split"), out=str(tmp_path / "t"))
     with pytest.raises(InputError, match="min_alias"):
         tagging.run({"min_alias": 2}, corpus=str(tmp_path / "corpus"), split=str(tmp_path / "s"), out=str(tmp_path / "t"))
+
+
+# --- against the synthetic world's ground truth ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world():
+    from gradloc.data.synthetic import generate
+    return generate({"n_entities": 240, "n_snapshots": 3, "docs_per_entity": 2, "seed": 0})
+
+
+def test_mentions_match_synthetic_ground_truth(world):
+    docs = world["documents"].reset_index(drop=True)
+    found = find_mentions(docs["text"].tolist(), world["entities"], min_alias_chars=3)
+    found["doc_id"] = docs["doc_id"].to_numpy()[found["idx"]]
+    found["snapshot"] = docs["snapshot"].to_numpy()[found["idx"]]
+    key = ["doc_id", "snapshot", "entity_id", "start", "end"]
+    pred = set(found[key].itertuples(index=False, name=None))
+    truth = set(world["mentions"][key].itertuples(index=False, name=None))
+    hits = len(pred & truth)
+    assert len(truth) > 1000
+    assert hits / len(pred) >= 0.95, f"precision {hits / len(pred):.3f}"
+    assert hits / len(truth) >= 0.95, f"recall {hits / len(truth):.3f}"
+
+
+def test_status_matches_synthetic_world(world):
+    """Ground truth without the triples: a synthetic article is a function of its
+    entity's facts, so an entity is new in k when its article first appears in k, and
+    updated when its article's text changed from k-1 to k."""
+    docs, entities = world["documents"], world["entities"]
+    st = status_map(entity_status(world["triples"], docs, entities, [1, 2]))
+    name_to_id = dict(zip(entities["name"], entities["entity_id"]))
+    text = {(name_to_id[t], s, d): x for d, s, t, x in docs[["doc_id", "snapshot", "title", "text"]].itertuples(
+        index=False)}
+    for k in (1, 2):
+        present = {e for e, s, _ in text if s == k}
+        before = {e for e, s, _ in text if s == k - 1}
+        new = present - before
+        updated = {e for e, s, d in text if s == k and e in before and text[e, k - 1, d] != text[e, k, d]}
+        assert len(new) == 29 and len(updated) > 20
+        assert {e for e in present if st[k, e] == "new"} == new
+        assert {e for e in present if st[k, e] == "updated"} == updated
+
+
+def test_synthetic_split_and_tag(world, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("documents", "triples", "entities"):
+        world[name].to_parquet(corpus / f"{name}.parquet")
+    (corpus / "manifest.json").write_text(json.dumps(
+        {"source": "synthetic", "snapshots": [{"index": i, "label": f"T{i}"} for i in range(3)]}))
+    split.run({}, corpus=str(corpus), out=str(tmp_path / "split"))
+    tagging.run({}, corpus=str(corpus), split=str(tmp_path / "split"), out=str(tmp_path / "tagged"))
+    seqs = pd.read_parquet(tmp_path / "tagged" / "sequences.parquet")
+    status = pd.read_parquet(tmp_path / "tagged" / "entity_status.parquet")
+    name_to_id = dict(zip(world["entities"]["name"], world["entities"]["entity_id"]))
+    doc_entity = dict(zip(world["documents"]["doc_id"], world["documents"]["title"].map(name_to_id)))
+    for k in (1, 2):
+        p = seqs[seqs["period"] == k]
+        # Unchanged articles render identically, so every diff sequence carries news.
+        assert set(p["knowledge_type"]) <= {"new", "updated"}
+        new_ids = set(status[(status["period"] == k) & (status["status"] == "new")]["entity_id"])
+        upd_ids = set(status[(status["period"] == k) & (status["status"] == "updated")]["entity_id"])
+        entity_of = p["doc_id"].map(doc_entity)
+        assert set(entity_of[p["origin"] == "new_doc"]) == new_ids
+        assert set(entity_of[p["origin"] == "added_sentences"]) == upd_ids
+        assert (p.loc[entity_of.isin(new_ids), "knowledge_type"] == "new").all()
+        assert (p["knowledge_type"] == "updated").sum() > 10
+        assert (p["split"] == "heldout").sum() == round(0.1 * len(p))

@@ -12,7 +12,12 @@ are dropped, and one subject / one relation may fill at most `subject_cap` /
 `relation_cap` of a set. Caps allow max(1, ceil(cap * n)) probes each, n being the set's
 size after the other filters: on small sets with few relations a 5% relation cap binds
 hard (10 relations x 5% keep half of the set at most), so small worlds should raise the
-caps or set `apply_caps: false`.
+caps or set `apply_caps: false`. The object-in-text filter is skipped (with a warning)
+for a snapshot that has no subject article at all.
+
+Sources that ship probes (`probes_raw.parquet`: TemporalWiki, ECBD) give the sets of the
+periods they cover as they are, minus over-long objects; `outdated` comes only from
+triples (TWiki-Probes do not record the replaced object).
 """
 
 from __future__ import annotations
@@ -142,7 +147,7 @@ def filter_period(sets: dict[str, pd.DataFrame], articles_now: dict, articles_be
     for name in ("unchanged", "updated", "new"):
         f = sets.get(name, pd.DataFrame(columns=FACT_COLUMNS))
         f = f[short_object(f, int(p["max_object_words"]))]
-        if p["require_object_in_text"]:
+        if p["require_object_in_text"] and _has_articles(articles_now, period, period):
             f = f[object_in_text(f, articles_now)]
         out[name] = cap(f.reset_index(drop=True), float(p["subject_cap"]), float(p["relation_cap"]),
                         int(p["seed"]), f"{period}|{name}", bool(p["apply_caps"]), p["max_per_set"])
@@ -150,10 +155,20 @@ def filter_period(sets: dict[str, pd.DataFrame], articles_now: dict, articles_be
         f = sets["outdated"].merge(out["updated"][["subject_id", "relation"]].drop_duplicates(),
                                    on=["subject_id", "relation"])
         f = f[short_object(f, int(p["max_object_words"]))]
-        if p["require_object_in_text"]:
+        if p["require_object_in_text"] and _has_articles(articles_before, period, period - 1):
             f = f[object_in_text(f, articles_before)]
         out["outdated"] = f.reset_index(drop=True)
     return out
+
+
+def _has_articles(articles: dict, period: int, snapshot: int) -> bool:
+    """A snapshot without any subject article (TemporalWiki ships later periods as diffs
+    only, and T0 only with its base dump) cannot check objects against text: say so and
+    keep the facts rather than drop them all."""
+    if not articles:
+        log.warning("probes: P%d: no subject articles in snapshot %d, object-in-text filter skipped",
+                    period, snapshot)
+    return bool(articles)
 
 
 # --- prefixes and assembly ---------------------------------------------------------------------
@@ -217,10 +232,12 @@ def build_probes(p: dict, periods: list[int], triples: pd.DataFrame, articles: d
     frames = []
     for k in [0, *periods]:
         if raw is not None and (raw["period"] == k).any():
-            # Shipped probes were filtered against their articles by their authors (and
-            # later articles may only exist as diffs): only the word limit and caps apply.
+            # Shipped probes were curated by their authors (TWiki-Probes already checked
+            # objects against articles and capped subjects and relations; ECBD's
+            # "relations" are span types, where a relation cap means nothing), and later
+            # articles may exist only as diffs: only the word limit and max_per_set apply.
             sets = raw_sets(raw, entities, k, raw_path)
-            q = {**p, "require_object_in_text": False}
+            q = {**p, "require_object_in_text": False, "apply_caps": False}
         elif k == 0:
             sets = {"unchanged": _facts(triples, 0)}
             q = p

@@ -214,12 +214,17 @@ def mark_heldout(rows: list[dict], fraction: float, seed: int) -> None:
         r["split"] = "heldout"
 
 
-def build_sequences(docs: pd.DataFrame, periods: list[int], params: dict) -> pd.DataFrame:
-    """All sequences: T0 base text, then each update period's diff."""
+def build_sequences(docs: pd.DataFrame, periods: list[int], params: dict,
+                    base_missing: bool = False) -> pd.DataFrame:
+    """All sequences: T0 base text, then each update period's diff. `base_missing`: the
+    corpus says snapshot 0 is empty by design (TemporalWiki without its base dump)."""
     p = with_defaults(params)
     rows = base_sequences(docs)
-    if not rows:
+    if not rows and not base_missing:
         raise InputError("documents.parquet: snapshot 0 has no kind=full documents (T0 base text)")
+    if not rows:
+        log.warning("split: the corpus has no T0 text (manifest: base_snapshot missing); no base "
+                    "sequences for the base model, replay or the profile's control")
     for k in periods:
         period_rows = period_sequences(docs, k, int(p["min_sentence_chars"]))
         if not period_rows:
@@ -243,13 +248,15 @@ def run(params: dict, corpus: str, out: str) -> None:
     docs = load_documents(corpus)
     labels = snapshot_labels(corpus, docs)
     periods = [k for k in sorted(labels) if k > 0]
-    seqs = build_sequences(docs, periods, p)
+    base_missing = read_json(Path(corpus) / "manifest.json").get("base_snapshot") == "missing"
+    seqs = build_sequences(docs, periods, p, base_missing)
     counts = count_table(seqs)
     manifest = {
         "base": {"index": 0, "label": labels[0]},
         "periods": [{"index": k, "label": labels[k]} for k in periods],
         "counts": counts,
         "n_sequences": int(len(seqs)),
+        "base_missing": bool((seqs["period"] == 0).sum() == 0),
         "params": p,
     }
     with atomic_output(out) as tmp:
@@ -257,5 +264,5 @@ def run(params: dict, corpus: str, out: str) -> None:
         write_json(manifest, tmp / "manifest.json")
     summary = "; ".join(
         f"P{k}: " + ", ".join(f"{s}/{o}={n}" for s, by in sorted(counts[str(k)].items()) for o, n in sorted(by.items()))
-        for k in [0, *periods])
+        for k in [0, *periods] if str(k) in counts)
     log.info("split: %d sequences; %s", len(seqs), summary)
