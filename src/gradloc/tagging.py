@@ -252,12 +252,13 @@ def run(params: dict, corpus: str, split: str, out: str) -> None:
 
     status = entity_status(triples, docs, entities, periods)
     tagged, mentions = tag_sequences(seqs, entities, status, int(p["min_alias_chars"]), bool(p["case_sensitive"]))
+    counts = _counts(tagged, status)
     with atomic_output(out) as tmp:
         write_parquet(tagged, tmp / "sequences.parquet")
         write_parquet(mentions, tmp / "mentions.parquet")
         write_parquet(status, tmp / "entity_status.parquet")
-        write_json({"params": p, "counts": _counts(tagged, status)}, tmp / "manifest.json")
-    for k, by_type in _counts(tagged, status)["sequences"].items():
+        write_json({"params": p, "counts": counts}, tmp / "manifest.json")
+    for k, by_type in counts["sequences"].items():
         log.info("tag: P%s sequences by knowledge type: %s", k, by_type)
     log.info("tag: %d sequences, %d mentions of %d entities", len(tagged), len(mentions),
              mentions["entity_id"].nunique())
