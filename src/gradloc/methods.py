@@ -16,7 +16,6 @@ or its own groups; a per-token loss weighting (CaMeLS) plugs into `Prepared.toke
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -34,7 +33,6 @@ from .models import (checkpoint_dir, classify_child, find_blocks, is_block_unit,
 
 log = logging.getLogger(__name__)
 
-LAYER_POLICIES = ("all", "tgl_fp", "tgl_alr", "random", "first", "last")
 # Defaults of each part, as in workflow/schemas/config.schema.yaml.
 PART_DEFAULTS = {
     "lora": {"r": 4, "alpha": 16, "dropout": 0.0, "targets": "attention"},
@@ -53,8 +51,8 @@ def resolve_method(method: dict | None) -> dict:
     if unknown:
         raise InputError(f"method: unknown key(s) {sorted(unknown)}; expected {sorted(METHOD_KEYS)}")
     method.setdefault("layers", "all")
-    if method["layers"] not in LAYER_POLICIES:
-        raise InputError(f"method.layers: {method['layers']!r} is not one of {LAYER_POLICIES}")
+    if method["layers"] not in POLICIES:
+        raise InputError(f"method.layers: {method['layers']!r} is not one of {list(POLICIES)}")
     for part, defaults in PART_DEFAULTS.items():
         if part in method:
             given = method[part] or {}
@@ -83,40 +81,60 @@ def read_selection(selection) -> dict:
     return sel
 
 
-def unit_multipliers(policy: str, units: list[str], sel: dict, seed: int) -> dict[str, float]:
-    """{trainable unit: lr multiplier} for a layer policy; units not listed are frozen.
+def _all(units, sel, seed):
+    return {u: 1.0 for u in units}
 
-    The controls (random/first/last) pick as many block units as TGL-FP selected and
-    keep TGL-FP's non-block units (embed, final_norm, ...), so only *which* blocks
-    train differs from TGL-FP.
-    """
-    if policy == "all":
-        return {u: 1.0 for u in units}
-    if not sel:
-        raise InputError(f"method layers={policy} needs a selection file (--selection)")
-    source = sel["_source"]
-    for u in list(sel["units"]) + list(sel["lr_multipliers"]):
-        if u not in units:
-            raise InputError(f"{source}: unit {u!r} is not a unit of this model at granularity "
-                             f"{sel['granularity']!r} (units: {units})")
-    if policy == "tgl_fp":
-        chosen = [u for u in units if u in set(sel["units"])]
-    elif policy == "tgl_alr":
-        # Embeddings and head keep the base rate: their norms are not a layer's signal.
-        return {u: 1.0 if u in ("embed", "lm_head") else float(sel["lr_multipliers"].get(u, 1.0)) for u in units}
-    else:
+
+def _tgl_fp(units, sel, seed):
+    return {u: 1.0 for u in units if u in set(sel["units"])}
+
+
+def _tgl_alr(units, sel, seed):
+    # Embeddings and head keep the base rate: every input shares them, so their norm
+    # says nothing about where a fact lives.
+    return {u: 1.0 if u in ("embed", "lm_head") else float(sel["lr_multipliers"].get(u, 1.0)) for u in units}
+
+
+def _control(pick):
+    """A control policy: as many block units as TGL-FP selected, chosen by `pick(blocks,
+    k, seed)`; TGL-FP's non-block units are kept, so only *which* blocks train differs."""
+    def policy(units, sel, seed):
         blocks = [u for u in units if is_block_unit(u)]
-        k = sum(is_block_unit(u) for u in sel["units"])
-        if policy == "random":
-            rng = np.random.default_rng(seed)
-            picked = set(np.asarray(blocks)[rng.choice(len(blocks), size=k, replace=False)]) if k else set()
-        else:
-            picked = set(blocks[:k] if policy == "first" else blocks[len(blocks) - k:])
+        picked = set(pick(blocks, sum(is_block_unit(u) for u in sel["units"]), seed))
         keep = {u for u in sel["units"] if not is_block_unit(u)}
-        chosen = [u for u in units if u in picked or u in keep]
-    if not chosen:
-        raise InputError(f"{source}: layers={policy} leaves no unit to train")
-    return {u: 1.0 for u in chosen}
+        return {u: 1.0 for u in units if u in picked or u in keep}
+    return policy
+
+
+def _random_blocks(blocks, k, seed):
+    return [blocks[i] for i in np.random.default_rng(seed).choice(len(blocks), size=k, replace=False)]
+
+
+# layers policy -> f(units bottom to top, selection, seed) -> {trainable unit: lr multiplier}.
+# Another localisation (e.g. knowledge-critical subnetworks' layers) is one more entry.
+POLICIES = {
+    "all": _all,
+    "tgl_fp": _tgl_fp,
+    "tgl_alr": _tgl_alr,
+    "random": _control(_random_blocks),
+    "first": _control(lambda blocks, k, seed: blocks[:k]),
+    "last": _control(lambda blocks, k, seed: blocks[len(blocks) - k:]),
+}
+
+
+def unit_multipliers(policy: str, units: list[str], sel: dict, seed: int) -> dict[str, float]:
+    """{trainable unit: lr multiplier} for a layer policy; units not listed are frozen."""
+    if policy != "all":
+        if not sel:
+            raise InputError(f"method layers={policy} needs a selection file (--selection)")
+        for u in list(sel["units"]) + list(sel["lr_multipliers"]):
+            if u not in units:
+                raise InputError(f"{sel['_source']}: unit {u!r} is not a unit of this model at granularity "
+                                 f"{sel['granularity']!r} (units: {units})")
+    mults = POLICIES[policy](units, sel, seed)
+    if not mults:
+        raise InputError(f"{sel.get('_source', 'selection')}: layers={policy} leaves no unit to train")
+    return mults
 
 
 # --- LoRA -----------------------------------------------------------------------------------
@@ -144,10 +162,14 @@ def lora_targets(model: nn.Module, targets: str, allowed: Callable[[str], bool] 
             if not sub or not _is_linear(module) or not allowed(name):
                 continue
             every.append(name)
-            if classify_child(sub.split(".")[0]) == "attn":
-                attn.append(name)
-                leaf = sub.rsplit(".", 1)[-1]
-                (qv if leaf.lower() in QV_LEAVES else fused if leaf in FUSED_QKV_LEAVES else []).append(name)
+            if classify_child(sub.split(".")[0]) != "attn":
+                continue
+            attn.append(name)
+            leaf = sub.rsplit(".", 1)[-1]
+            if leaf.lower() in QV_LEAVES:
+                qv.append(name)
+            elif leaf in FUSED_QKV_LEAVES:
+                fused.append(name)
     chosen = {"attention": attn, "attention_qv": qv or fused, "all_linear": every}[targets]
     if not chosen:
         raise InputError(f"method.lora.targets={targets}: no matching linear module in {type(model).__name__}")
@@ -204,7 +226,7 @@ class KAdapterModel(nn.Module):
                  d_adapter: int | None = None, n_head: int | None = None):
         super().__init__()
         n = len(find_blocks(base)[1])
-        layers = [1, n - 2] if layers is None else [int(l) for l in layers]
+        layers = sorted({1, n - 2}) if layers is None else [int(l) for l in layers]
         if not layers or any(not 0 <= l < n for l in layers):
             raise InputError(f"method.k_adapter.layers: {layers} must be block indices in 0..{n - 1}")
         d_model = base.get_output_embeddings().in_features
@@ -397,7 +419,3 @@ def load_checkpoint(path, dtype=None):
         model.adapters.load_state_dict(load_file(folder / K_ADAPTER_FILES[1]))
         model.adapters.to(next(model.base.parameters()).dtype)
     return model, tokenizer
-
-
-def describe(prepared: Prepared) -> str:
-    return json.dumps({"layers": prepared.method["layers"], "units": prepared.trained_units})

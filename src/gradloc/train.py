@@ -42,6 +42,9 @@ LOG_COLUMNS = ["step", "epoch", "loss", "lr", "tokens_per_s"]
 
 def settings(params: dict) -> dict:
     """Train-wide settings with the method's own `lr`/`epochs` on top, defaults filled in."""
+    unknown = set(params) - {"name", "common", "method", "_stop_after_steps"}
+    if unknown:
+        raise InputError(f"train params: unknown top-level key(s) {sorted(unknown)}; expected name, common, method")
     common = {k: v for k, v in (params.get("common") or {}).items() if k not in ("methods", "seeds")}
     unknown = set(common) - set(DEFAULTS)
     if unknown:
@@ -76,7 +79,7 @@ def tokenize(texts: list[str], tokenizer) -> np.ndarray:
         raise InputError("tokenizer has neither an EOS nor a pad token to separate documents")
     chunks = []
     for start in range(0, len(texts), 1024):
-        for ids in tokenizer(texts[start:start + 1024], add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer(texts[start:start + 1024], add_special_tokens=False, verbose=False)["input_ids"]:
             chunks.append(np.asarray(ids + [eos], dtype=np.int64))
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
 
@@ -138,9 +141,13 @@ def lr_lambda(total: int, warmup: int, schedule: str):
 
 # --- resumable state --------------------------------------------------------------------
 
-def fingerprint(cfg: dict, *args) -> str:
-    """What a saved state must match to be resumed (settings, inputs, world size)."""
-    text = json.dumps([{k: v for k, v in cfg.items() if not k.startswith("_")}, *map(str, args)], sort_keys=True)
+def fingerprint(cfg: dict, inputs: list, *args) -> str:
+    """What a saved state must match to be resumed: settings, the input files (path,
+    size, mtime: a rebuilt previous period invalidates the state) and `args`."""
+    files = [f for path in inputs if path for f in sorted(Path(path).rglob("*")) + [Path(path)] if f.is_file()]
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    text = json.dumps([{k: v for k, v in cfg.items() if not k.startswith("_")}, stats, *map(str, args)],
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -183,6 +190,30 @@ def mixed_precision(precision: str) -> str:
     return precision
 
 
+def train_step(accelerator, model, optimizer, prepared, data, rows, grad_accum, grad_clip) -> torch.Tensor:
+    """One optimizer step on this step's blocks `rows` (all processes' together): split
+    into grad_accum micro-batches, each split across the processes. Returns the loss."""
+    micro = rows.view(grad_accum, accelerator.num_processes, -1)
+    step_loss = 0.0
+    for m in range(grad_accum):
+        mine = micro[m, accelerator.process_index]
+        x, y = (data[k][mine].to(accelerator.device) for k in ("input_ids", "labels"))
+        weights = prepared.token_weights(x, y) if prepared.token_weights else None
+        # Gradients are synchronised across processes only on the last micro-batch.
+        with accelerator.no_sync(model) if m < grad_accum - 1 else contextlib.nullcontext():
+            # Padding (label -100) only ever ends the last block: masking it changes nothing
+            # before it, but tells the model the pad ids are padding.
+            logits = model(input_ids=x, attention_mask=(y != -100).long()).logits
+            loss = methods.lm_loss(logits, y, weights)
+            accelerator.backward(loss / grad_accum)
+        step_loss += loss.detach() / grad_accum
+    if grad_clip:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
 def run(params: dict, init, tagged, selection=None, period=1, seed=0, state=None, out="train") -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -211,14 +242,13 @@ def run(params: dict, init, tagged, selection=None, period=1, seed=0, state=None
     model, optimizer = accelerator.prepare(prepared.model, optimizer)
     # Not prepared: accelerate's scheduler wrapper steps once per process.
     accelerator.register_for_checkpointing(scheduler)
-    fp = fingerprint(cfg, Path(init).resolve(), Path(tagged).resolve(), selection, period, seed, W)
+    fp = fingerprint(cfg, [init, Path(tagged) / "sequences.parquet", selection], period, seed, W)
     progress = load_progress(accelerator, state, fp)
 
     model.train()
     started = time.time() - progress["elapsed"]
     bar = tqdm(total=total_steps, initial=progress["step"], desc=f"train {cfg['name']} P{period}",
                file=sys.stderr, disable=not accelerator.is_local_main_process)
-    loss = torch.tensor(float("nan"))
     while progress["step"] < total_steps:
         epoch, first = divmod(progress["step"], steps_per_epoch)
         data = build_epoch(diff, base_texts, tokenizer, cfg, epoch, seed)
@@ -229,26 +259,9 @@ def run(params: dict, init, tagged, selection=None, period=1, seed=0, state=None
         for step_in_epoch in range(first, steps_per_epoch):
             t0 = time.time()
             rows = order[step_in_epoch * B * W * A:(step_in_epoch + 1) * B * W * A]
-            micro = rows.view(A, W, -1)
-            step_loss = 0.0
-            for m in range(A):
-                mine = micro[m, accelerator.process_index]
-                x, y = (data[k][mine].to(accelerator.device) for k in ("input_ids", "labels"))
-                weights = prepared.token_weights(x, y) if prepared.token_weights else None
-                with accelerator.no_sync(model) if m < A - 1 else contextlib.nullcontext():
-                    # Padding (label -100) only ever ends the last block: masking it changes nothing
-                    # before it, but tells the model the pad ids are padding.
-                    logits = model(input_ids=x, attention_mask=(y != -100).long()).logits
-                    loss = methods.lm_loss(logits, y, weights)
-                    accelerator.backward(loss / A)
-                step_loss += loss.detach() / A
-            if cfg["grad_clip"]:
-                accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"]  # the base lr
-            optimizer.step()
+            step_loss = train_step(accelerator, model, optimizer, prepared, data, rows, A, cfg["grad_clip"])
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
             tokens = int((data["labels"][rows][:, 1:] != -100).sum())
             progress["step"] += 1
             progress["tokens"] += tokens
@@ -258,10 +271,8 @@ def run(params: dict, init, tagged, selection=None, period=1, seed=0, state=None
             bar.update(1)
             bar.set_postfix(loss=f"{float(step_loss):.3f}", tok_s=f"{tok_s:.0f}")
             if progress["step"] % cfg["log_every"] == 0 or progress["step"] == total_steps:
-                progress["log"].append({"step": progress["step"], "epoch": epoch,
-                                        "loss": progress["loss_sum"] / progress["loss_n"],
-                                        "lr": lr,
-                                        "tokens_per_s": tok_s})
+                progress["log"].append({"step": progress["step"], "epoch": epoch, "lr": lr, "tokens_per_s": tok_s,
+                                        "loss": progress["loss_sum"] / progress["loss_n"]})
                 progress["loss_sum"], progress["loss_n"] = 0.0, 0
             progress["elapsed"] = time.time() - started
             if state and cfg["save_every"] and progress["step"] % cfg["save_every"] == 0 \
