@@ -149,8 +149,7 @@ def test_replay_mixes_fresh_base_blocks_each_epoch(world):
 
 
 def test_blocks_keep_every_token_and_mask_the_padding():
-    ids = np.arange(1, 11)
-    blocks = train.cut_blocks(ids, 4, pad_id=0)
+    blocks = train.cut_blocks([np.arange(1, 4), np.arange(4, 11)], 4, pad_id=0)
     assert blocks["input_ids"].tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 0, 0]]
     assert blocks["labels"][2].tolist() == [9, 10, -100, -100]
 
@@ -196,3 +195,12 @@ def test_cli_trains_and_writes_the_documented_outputs(world, tmp_path):
     rc = cli.main(["train", "--params", params, "--init", str(world / "base_model"), "--tagged", str(world / "tagged"),
                    "--period", "1", "--seed", "0", "--out", str(tmp_path / "o2")])
     assert rc == 2, "tgl_fp without --selection is an input error"
+
+
+def test_schedule_warmup_then_linear_or_cosine_decay():
+    linear = train.lr_lambda(total=10, warmup=2, schedule="linear")
+    assert [linear(s) for s in (0, 1, 2, 6)] == [0.5, 1.0, 1.0, 0.5]
+    cosine = train.lr_lambda(total=10, warmup=0, schedule="cosine")
+    assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
+    with pytest.raises(InputError, match="schedule"):
+        train.settings({"common": {"schedule": "step"}})

@@ -72,20 +72,23 @@ def load_texts(tagged, period: int) -> tuple[list[str], list[str]]:
     return diff, df[df["split"] == "base"]["text"].astype(str).tolist()
 
 
-def tokenize(texts: list[str], tokenizer) -> np.ndarray:
-    """Token ids of the texts, each followed by EOS, concatenated."""
+def tokenize(texts: list[str], tokenizer) -> list[np.ndarray]:
+    """Token ids of each text followed by EOS. Documents stay apart until `cut_blocks`,
+    so a per-document transformation (e.g. token-dropout copies) can come in between."""
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
     if eos is None:
         raise InputError("tokenizer has neither an EOS nor a pad token to separate documents")
-    chunks = []
+    docs = []
     for start in range(0, len(texts), 1024):
         for ids in tokenizer(texts[start:start + 1024], add_special_tokens=False, verbose=False)["input_ids"]:
-            chunks.append(np.asarray(ids + [eos], dtype=np.int64))
-    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+            docs.append(np.asarray(ids + [eos], dtype=np.int64))
+    return docs
 
 
-def cut_blocks(ids: np.ndarray, seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """[n, seq_len] blocks of the stream; the tail block is padded, its padding labelled -100."""
+def cut_blocks(docs: list[np.ndarray], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """The documents concatenated and cut into [n, seq_len] blocks (nanoGPT style); the
+    tail block is padded, its padding labelled -100 so no token is lost."""
+    ids = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)
     n = max(1, math.ceil(len(ids) / seq_len))
     input_ids = np.full(n * seq_len, pad_id, dtype=np.int64)
     labels = np.full(n * seq_len, -100, dtype=np.int64)
@@ -100,13 +103,12 @@ def replay_blocks(base_texts: list[str], tokenizer, seq_len: int, n: int, rng: n
     until the budget is met (the base snapshot can be far larger than a diff)."""
     if not base_texts:
         raise InputError("replay: the tagged sequences have no split == 'base' rows to replay")
-    order, chunks, total = rng.permutation(len(base_texts)), [], 0
+    order, docs = rng.permutation(len(base_texts)), []
     for start in range(0, len(order), 256):
-        chunks.append(tokenize([base_texts[i] for i in order[start:start + 256]], tokenizer))
-        total += len(chunks[-1])
-        if total >= n * seq_len:
+        docs += tokenize([base_texts[i] for i in order[start:start + 256]], tokenizer)
+        if sum(map(len, docs)) >= n * seq_len:
             break
-    blocks = cut_blocks(np.concatenate(chunks), seq_len, tokenizer.pad_token_id or 0)
+    blocks = cut_blocks(docs, seq_len, tokenizer.pad_token_id or 0)
     if len(blocks["input_ids"]) < n:  # base text shorter than the budget: sample with replacement
         pick = torch.from_numpy(rng.integers(0, len(blocks["input_ids"]), n))
         blocks = {k: v[pick] for k, v in blocks.items()}
