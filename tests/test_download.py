@@ -320,8 +320,10 @@ def error_cases(tmp_path):
     empty.write_text("text,snapshot\n")
     ts = tmp_path / "ts.csv"
     pd.DataFrame({"snapshot": ["2020-01-01", "2022-06-01"], "text": ["a", "b"]}).to_csv(ts, index=False)
+    no_text = write_jsonl(tmp_path / "no_definitions.jsonl", [{**r, "definition": ""} for r in ECBD])
     return [
         ({"source": "wikipedia"}, "unknown source 'wikipedia'"),
+        ({"source": "ecbd", "ecbd": {"path": str(no_text)}}, "empty corpus: no documents at all"),
         ({"source": "synthetic", "synthetic": {"n_entitys": 5}}, "unknown key"),
         ({"source": "local", "local": {**LOCAL, "text_field": "content", "documents": str(docs)}},
          r"docs\.jsonl: missing column\(s\) \['content'\]"),

@@ -28,6 +28,8 @@ import logging
 import re
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..io import InputError
 from . import DOC_COLUMNS, PROBE_COLUMNS, TRIPLE_COLUMNS
 from .sources import (Corpus, data_files, entities_from_triples, entity_like, existing, extract_zips,
@@ -159,7 +161,8 @@ def doc_rows(paths: list[Path], snapshot: int, kind: str, cap: int | None, key: 
     for path in paths:
         df = read_rows(path, None if cap is None else cap - len(rows))
         cols = set(df.columns)
-        for i, rec in enumerate(df.to_dict("records")):
+        records = df.to_dict("records")
+        for i, rec in enumerate(tqdm(records, desc=f"{key} {path.name}", leave=False, mininterval=2)):
             text = "" if is_missing(rec.get("text")) else str(rec["text"])
             if not text.strip():
                 continue
@@ -206,6 +209,8 @@ def load(p: dict, work: Path) -> Corpus:
     found, base_files = classify(files, periods)
     cap = p["max_docs_per_period"]
 
+    if p["download_base"] and not base_files:
+        log.warning("%s: no base snapshot file for %s found; snapshot 0 stays empty", root, periods[0])
     docs = doc_rows(base_files, 0, "full", cap, "base")
     base_titles = {d[2] for d in docs}
     probes, triples, known = [], [], set(base_titles)
