@@ -6,7 +6,7 @@
 #   sudo .ci/slurm/stop.sh             # kill exactly the daemons this script started
 #
 # What it sets up:
-#   - Debian packages slurmctld slurmd slurm-client munge (apt-get, only if missing)
+#   - Debian packages slurmctld slurmd slurm-client munge (install.sh, only if missing)
 #   - /etc/slurm/slurm.conf and gres.conf (refuses to overwrite files it did not write)
 #   - one node (this host, its real CPUs and memory) with two fake GPU slots
 #     (gres.conf maps them to /dev/tty0-1) so that `--gpus` requests schedule
@@ -28,15 +28,8 @@ log() { echo "slurm/start.sh: $*" >&2; }
 
 [ "$(id -u)" = 0 ] || die "must run as root (it installs packages and starts daemons)"
 
-# 1. Packages. apt-get starts nothing here: without systemd the postinst start fails
-#    harmlessly (or policy-rc.d forbids it); we start the daemons ourselves below.
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
-    || ! command -v sbatch >/dev/null || ! command -v munged >/dev/null; then
-    log "installing slurmctld slurmd slurm-client munge"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
-fi
+# 1. Packages.
+"$(dirname "$0")/install.sh"
 
 # Already running from an earlier start? Then there is nothing to do.
 if [ -f "$STATE/pids" ] && timeout 10 sinfo -h >/dev/null 2>&1; then
@@ -92,13 +85,16 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
+# Memory is checked per job (--mem must fit the node) but not reserved, so that on a small
+# CI machine a 16 GB training job and an 8 GB data job can still run side by side.
+SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 GresTypes=gpu
 ReturnToService=2
-# squeue keeps finished jobs visible this long; the Snakemake SLURM plugin needs it to be
-# at least 3x its first status-check delay or it falls back to sacct (no database here).
-MinJobAge=600
+# squeue and scontrol keep finished jobs visible this long (seconds): the Snakemake SLURM
+# plugin needs at least 3x its first status-check delay or it falls back to sacct (no
+# database here), and tests inspect every job of a run after it ends.
+MinJobAge=3600
 # No slurmdbd: accounting off, but each finished job is appended to a text file.
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none

@@ -1,0 +1,207 @@
+"""The SLURM profile against a real SLURM cluster (not a mock).
+
+Runs when a cluster answers `sinfo`, or when GRADLOC_SLURM_TEST=1: then, if no cluster is
+up, the `cluster` fixture starts the single-node one of .ci/slurm/start.sh (as root) and
+stops exactly the daemons it started when the tests end.
+
+Every run goes through `--profile profiles/slurm` with only the site values overridden
+(the cluster's partition and an account, through the profile's environment variables).
+Each Snakemake job must show up as a completed SLURM job (`scontrol show job`, and the
+cluster's job-completion log where it has one), GPU rules must have asked SLURM for a GPU
+and others not, and the pipeline's numbers must equal those of a local run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILE = REPO / "profiles" / "slurm"
+ACCOUNT = "gradloc-ci"
+GPU_RULES = {"base_model", "profile", "train"}
+REQUIRED = os.environ.get("GRADLOC_SLURM_TEST") == "1"
+
+pytestmark = pytest.mark.skipif(not REQUIRED and shutil.which("sinfo") is None,
+                                reason="no SLURM here (set GRADLOC_SLURM_TEST=1 to start one)")
+
+
+def cluster_partition() -> str | None:
+    """The default partition of a running cluster, or None when none answers."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%P %t"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return None
+    if r.returncode != 0:
+        return None
+    usable = [line.split() for line in r.stdout.splitlines()
+              if line.split()[-1] in ("idle", "mix", "alloc", "comp")]
+    default = [p.rstrip("*") for p, _ in usable if p.endswith("*")]
+    return (default or [p for p, _ in usable] or [None])[0]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The partition to submit to; starts (and afterwards stops) a cluster if needed."""
+    partition = cluster_partition()
+    if partition is not None:
+        yield partition
+        return
+    if not REQUIRED:
+        pytest.skip("no SLURM cluster answers sinfo (set GRADLOC_SLURM_TEST=1 to start one)")
+    if os.geteuid() != 0:
+        pytest.fail("GRADLOC_SLURM_TEST=1 but no cluster is up, and starting one needs root")
+    env = dict(os.environ, GRADLOC_SLURM_DIR=str(tmp_path_factory.mktemp("slurm_state")))
+    start = subprocess.run([REPO / ".ci/slurm/start.sh"], env=env, capture_output=True, text=True, timeout=600)
+    try:
+        assert start.returncode == 0, f".ci/slurm/start.sh failed:\n{start.stderr[-4000:]}"
+        partition = cluster_partition()
+        assert partition, "cluster started but sinfo shows no usable partition"
+        yield partition
+    finally:
+        stop = subprocess.run([REPO / ".ci/slurm/stop.sh"], env=env, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stderr
+
+
+def snakemake_slurm(cluster: str, tmp: Path, *args: str, cwd: Path = REPO, timeout: int = 1500):
+    """`snakemake --profile profiles/slurm` as a user would run it, overriding only the site
+    values, plus faster status polling for short test jobs and no retries (fail fast)."""
+    env = dict(os.environ, GRADLOC_SLURM_ACCOUNT=ACCOUNT,
+               GRADLOC_SLURM_CPU_PARTITION=cluster, GRADLOC_SLURM_GPU_PARTITION=cluster)
+    cmd = [sys.executable, "-m", "snakemake", "--profile", str(PROFILE),
+           "--slurm-logdir", str(tmp / "slurm_logs"),
+           "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
+           "--retries", "0", *args]
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    (tmp / "snakemake_slurm.log").write_text(r.stdout + r.stderr)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return r.stdout + r.stderr
+
+
+SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
+JOB_HEADER = re.compile(r"^(local)?(rule|checkpoint) (\S+):$")
+
+
+def submitted_jobs(log: str) -> dict[str, tuple[str, str]]:
+    """SLURM job id -> (rule, Snakemake job id), from the run's own log."""
+    rule_of = {}  # Snakemake job id -> rule, from the job blocks
+    rule = None
+    for line in log.splitlines():
+        m = JOB_HEADER.match(line)
+        if m:
+            rule = None if m.group(1) else m.group(3)  # local jobs are not submitted
+        elif rule and line.startswith("    jobid: "):
+            rule_of[line.split()[-1]] = rule
+            rule = None
+    jobs = {slurm_id: (rule_of.get(sm_id), sm_id) for sm_id, slurm_id, _ in SUBMITTED.findall(log)}
+    # Every non-local Snakemake job was submitted, exactly once.
+    assert sorted(sm for _, sm in jobs.values()) == sorted(rule_of), (rule_of, jobs)
+    return jobs
+
+
+def scontrol_job(slurm_id: str) -> dict[str, str]:
+    r = subprocess.run(["scontrol", "-o", "show", "job", slurm_id], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, f"SLURM has no record of job {slurm_id}: {r.stderr}"
+    return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
+
+
+def jobcomp_records() -> dict[str, dict[str, str]] | None:
+    """The cluster's job-completion log (jobcomp/filetxt), by job id; None without one."""
+    r = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
+    conf = dict(re.findall(r"^(\w+)\s*=\s*(.*?)\s*$", r.stdout, flags=re.M))
+    if conf.get("JobCompType") != "jobcomp/filetxt" or not os.path.isfile(conf.get("JobCompLoc", "")):
+        return None
+    records = {}
+    for line in Path(conf["JobCompLoc"]).read_text().splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        records[fields["JobId"]] = fields
+    return records
+
+
+def check_slurm_jobs(jobs: dict[str, tuple[str, str]], partition: str, logdir: Path) -> None:
+    """Each job completed on SLURM with the profile's settings; GPUs exactly for GPU rules."""
+    jobcomp = jobcomp_records()
+    for slurm_id, (rule, _) in jobs.items():
+        info = scontrol_job(slurm_id)
+        where = f"SLURM job {slurm_id} (rule {rule})"
+        assert info["JobState"] == "COMPLETED", (where, info["JobState"])
+        assert info["Comment"].startswith(f"rule_{rule}"), (where, info["Comment"])
+        assert info["Partition"] == partition, where
+        assert info["Account"] == ACCOUNT, where
+        gpus = re.search(r"gpu[:=](\d+)", info.get("TresPerJob", "") + " " + info.get("TresPerNode", ""))
+        if rule in GPU_RULES:
+            assert gpus and int(gpus.group(1)) >= 1, (where, "asked for no GPU", info.get("TresPerJob"))
+        else:
+            assert gpus is None, (where, "asked for a GPU", info.get("TresPerJob"))
+        if jobcomp is not None:
+            assert jobcomp[slurm_id]["JobState"] == "COMPLETED", where
+        # The profile keeps the SLURM log of successful jobs too.
+        assert list(logdir.glob(f"rule_{rule}/**/{slurm_id}.log")), (where, "no SLURM log")
+
+
+def test_toy_workflow_runs_as_slurm_jobs_with_a_gpu(cluster, tmp_path):
+    """Two rules, one asking for a GPU: proves the profile and the cluster on their own."""
+    (tmp_path / "Snakefile").write_text(
+        'rule all:\n    input: "out/train.txt"\n\n'
+        'rule download:\n    output: "out/data.txt"\n'
+        '    shell: "echo $SLURM_JOB_ID $SLURM_JOB_PARTITION > {output}"\n\n'
+        'rule train:\n    input: "out/data.txt"\n    output: "out/train.txt"\n'
+        '    resources: gpu=1\n'
+        '    shell: "echo $SLURM_JOB_ID gpus=$CUDA_VISIBLE_DEVICES > {output}"\n')
+    log = snakemake_slurm(cluster, tmp_path, cwd=tmp_path, timeout=300)
+    jobs = submitted_jobs(log)
+    assert sorted(rule for rule, _ in jobs.values()) == ["download", "train"]
+    check_slurm_jobs(jobs, cluster, tmp_path / "slurm_logs")
+    by_rule = {rule: slurm_id for slurm_id, (rule, _) in jobs.items()}
+    # The shell commands ran inside those SLURM jobs, and the GPU job got a device.
+    assert (tmp_path / "out/data.txt").read_text().split() == [by_rule["download"], cluster]
+    job_id, gpus = (tmp_path / "out/train.txt").read_text().split()
+    assert job_id == by_rule["train"] and re.fullmatch(r"gpus=\d+(,\d+)*", gpus), gpus
+
+
+def comparable_table(path: Path) -> pd.DataFrame:
+    """report/table.csv without what measures the machine rather than the method."""
+    table = pd.read_csv(path, keep_default_na=False)
+    table = table.drop(columns=[c for c in table.columns if c.startswith("wall_time_s")])
+    if "best" in table.columns:
+        table["best"] = [";".join(c for c in str(b).split(";") if not c.startswith("wall_time_s"))
+                         for b in table["best"]]
+    return table
+
+
+@pytest.mark.slow
+def test_pipeline_through_slurm_equals_local_run(cluster, test_run, tmp_path):
+    results = tmp_path / "results"
+    log = snakemake_slurm(cluster, tmp_path, "--configfile", "config/test.yaml",
+                          "--config", f"results={results}")
+    jobs = submitted_jobs(log)
+    rules = sorted(rule for rule, _ in jobs.values())
+    # Every job of the pipeline was a SLURM job (only the target rule `all` ran locally).
+    assert set(rules) == {"download", "split", "tag", "probes", "base_model", "profile", "select",
+                          "train", "evaluate", "evaluate_base", "report"}
+    cfg = yaml.safe_load((REPO / "config/test.yaml").read_text())
+    n_periods = cfg["data"]["synthetic"]["n_snapshots"] - 1
+    n_trained = len(cfg["train"]["methods"]) * len(cfg["train"]["seeds"]) * n_periods
+    # data (4), base model, profile, select, base evaluations, train + evaluate, report
+    assert len(jobs) == 4 + 3 + n_periods + 2 * n_trained + 1
+    check_slurm_jobs(jobs, cluster, tmp_path / "slurm_logs")
+
+    # Same seeds, same numbers: every evaluation summary and the report table.
+    local_summaries = sorted(p.relative_to(test_run) for p in test_run.glob("eval/**/summary.json"))
+    slurm_summaries = sorted(p.relative_to(results) for p in results.glob("eval/**/summary.json"))
+    assert slurm_summaries == local_summaries and local_summaries
+    for rel in local_summaries:
+        assert json.loads((results / rel).read_text()) == json.loads((test_run / rel).read_text()), rel
+    pd.testing.assert_frame_equal(comparable_table(results / "report/table.csv"),
+                                  comparable_table(test_run / "report/table.csv"))
