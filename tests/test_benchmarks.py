@@ -1,0 +1,107 @@
+"""benchmarks/run.py smoke test: every figure's code path at the tiniest sizes, the CSV's
+rows and columns, and the pure helpers (interval union, overhead shares, FLOP limit).
+No timing is asserted: times on a shared machine say nothing."""
+
+import csv
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("gradloc_benchmarks", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def results(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.csv"
+    bench.main(["--preset", "tiny", "--out", str(out), "--pipeline-config", "none"])
+    with open(out) as f:
+        return list(csv.DictReader(f))
+
+
+def test_csv_has_every_figure_and_setting(results, bench):
+    assert list(results[0]) == bench.COLUMNS
+    assert {r["figure"] for r in results} == {"1", "2", "3", "4", "5"}
+    settings = [r["setting"] for r in results]
+    for B in (2, 4):
+        assert f"ours / plain fwd+bwd, 2x32, B={B}, T=16" in settings
+        assert f"naive loop / plain fwd+bwd, 2x32, B={B}, T=16" in settings
+    for name in ("k=1/4 lower", "k=1/4 upper", "k=2/4 lower", "k=2/4 upper"):
+        assert f"TGL-FP step / full step, {name}, 4x32, B=2, T=16" in settings
+        assert f"analytical limit, {name}" in settings
+        assert f"AdamW state / full, {name}" in settings
+    assert any(s.startswith("gradloc train / HF Trainer tokens/s") for s in settings)
+    assert any(s.startswith("snakemake -n, config/config.yaml") for s in settings)
+    for kind in ("profile", "train step"):
+        for axis in ("sequences", "model FLOPs/token"):
+            assert f"{kind} growth exponent vs {axis}" in settings
+    assert len({r["machine"] for r in results}) == 1 and "cores" in results[0]["machine"]
+
+
+def test_ratios_and_times_are_finite_and_positive(results):
+    for r in results:
+        value = float(r["value"])
+        assert math.isfinite(value), r
+        if r["unit"] in ("ratio", "s", "tokens/s", "MiB"):
+            assert value > 0, r
+
+
+def test_per_example_norms_match_the_naive_loop(results):
+    errs = [float(r["value"]) for r in results if r["setting"].startswith("ours vs naive")]
+    assert errs and max(errs) < 1e-3
+
+
+def test_optimizer_state_scales_with_trained_parameters(results):
+    rows = [r for r in results if r["setting"].startswith("AdamW state / full")]
+    assert len(rows) == 4
+    for r in rows:
+        share = float(r["target"].split(" ")[0].lstrip("="))
+        assert float(r["value"]) == pytest.approx(share, rel=0.02)
+    by_k = {r["setting"].split(", ")[1]: float(r["value"]) for r in rows}
+    assert by_k["k=2/4 lower"] == pytest.approx(2 * by_k["k=1/4 lower"], rel=0.02)
+
+
+def test_step_flops_limit(bench):
+    L, d, T, V = 8, 256, 128, 2048
+    full = bench.step_flops(L, d, T, V, None)
+    forward = L * (24 * d * d + 4 * T * d) + 2 * d * V
+    assert full == 3 * forward  # backward = 2 x forward when everything trains
+    # top block only: forward + head input-grad + its weight-grad
+    assert bench.step_flops(L, d, T, V, [L - 1]) == forward + 2 * d * V + 24 * d * d
+    lower = bench.step_flops(L, d, T, V, [0, 1]) / full
+    upper = bench.step_flops(L, d, T, V, [6, 7]) / full
+    assert 1 / 3 < upper < lower < 1
+    assert bench.placements(8) == [("k=2/8 lower", [0, 1]), ("k=2/8 upper", [6, 7]),
+                                   ("k=4/8 lower", [0, 1, 2, 3]), ("k=4/8 upper", [4, 5, 6, 7])]
+
+
+def test_overhead_shares_from_job_intervals(bench):
+    assert bench.union_seconds([(0, 2), (1, 3), (5, 6)]) == 4
+    assert bench.union_seconds([]) == 0
+    # 10 s wall; two overlapping jobs alive 1..6 and 2..9 (8 s), working 3..6 and 4..9 (6 s)
+    jobs = [{"start": 1, "imported": 3, "end": 6}, {"start": 2, "imported": 4, "end": 9}]
+    o = bench.overhead_shares(jobs, 0, 10)
+    assert o["scheduler"] == pytest.approx(0.2)
+    assert o["startup"] == pytest.approx(0.2)
+    assert o["outside"] == pytest.approx(0.4)
+    assert o["per_job_startup_s"] == pytest.approx(2)
+    assert o["startup_share_of_job_time"] == pytest.approx(4 / 12)
+
+
+def test_loglog_slope_and_targets(bench):
+    assert bench.loglog_slope([1, 2, 4], [3, 6, 12]) == pytest.approx(1)
+    assert bench.loglog_slope([1, 2, 4], [1, 4, 16]) == pytest.approx(2)
+    assert bench.meets(1.2, "<=1.5") == "yes" and bench.meets(1.6, "<=1.5") == "no"
+    assert bench.meets(0.75, "0.700±10%") == "yes" and bench.meets(0.8, "0.700±10%") == "no"
+    assert bench.meets(8.1, "~8") == ""
