@@ -229,7 +229,7 @@ def _invent_name(rng: random.Random, kind: str, registry: _Registry) -> tuple[st
         if registry.free([name, *aliases]):
             registry.take([name, *aliases])
             return name, aliases, industry
-    raise RuntimeError(f"synthetic world: no free {kind} name left; use fewer entities")
+    raise InputError(f"data.synthetic.n_entities: no free {kind} name left after 2000 tries; use fewer entities")
 
 
 # --- the world ----------------------------------------------------------------------------
