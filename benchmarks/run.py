@@ -78,7 +78,7 @@ PRESETS = {
         "tput_size": (2, 32), "tput_batch": 2, "tput_steps": 2, "tput_reps": 1,
         "scale_counts": [2, 4, 8], "scale_count_size": (2, 32),
         "scale_sizes": [(1, 32), (2, 32), (4, 32)], "scale_size_batch": 2,
-        "dry_reps": 1, "pipeline": False,
+        "dry_reps": 1, "pipeline": False, "slurm_probe": False,
     },
 }
 
@@ -403,14 +403,14 @@ def snakemake_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "snakemake", *args]
 
 
-def dry_run_seconds(results: Path, reps: int) -> tuple[float, int]:
+def dry_run_seconds(results: Path, reps: int, env: dict | None = None) -> tuple[float, int]:
     """Median wall time of `snakemake -n` on the default config (all methods and seeds)
     with an empty results folder (every job planned), and the number of jobs."""
     times, n_jobs = [], 0
     for _ in range(reps):
         t = time.perf_counter()
         r = subprocess.run(snakemake_cmd("-n", "--cores", "2", "--config", f"results={results}"),
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           cwd=ROOT, env=env or PIPELINE_ENV, capture_output=True, text=True, timeout=300)
         times.append(time.perf_counter() - t)
         if r.returncode != 0:
             raise RuntimeError(f"snakemake -n failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
@@ -442,8 +442,8 @@ try:
     rc = cli.main(args[2:])
 finally:
     with open(os.environ["GRADLOC_BENCH_LOG"], "a") as f:
-        f.write(json.dumps({"stage": stage, "start": t_start, "imported": t_imported, "end": time.time(),
-                            "rc": rc}) + "\n")
+        f.write(json.dumps({"id": int(os.environ["GRADLOC_BENCH_ID"]), "stage": stage, "start": t_start,
+                            "imported": t_imported, "end": time.time(), "rc": rc}) + "\n")
 sys.exit(rc)
 '''
 
@@ -463,30 +463,52 @@ def union_seconds(intervals) -> float:
 
 def overhead_shares(jobs: list[dict], t_begin: float, t_end: float) -> dict:
     """Shares of the run's wall time during which no stage did its own work, split into
-    `scheduler` (no job process alive: Snakemake's start, DAG, scheduling, checkpoint
-    re-evaluation) and `startup` (job processes alive but all still starting Python and
-    importing); `per_job_startup_s`: the mean start-up of a job."""
+    `scheduler` (no job process alive: Snakemake's start, DAG, job selection, checkpoint
+    re-evaluation) and `job_overhead` (job processes alive but none working: starting Python
+    and importing, or tearing the interpreter down after the work). Each job: `start`
+    (process start), `imported`, `end` (work done), `exit` (process gone; `end` if unknown)."""
     wall = t_end - t_begin
-    alive = union_seconds([(j["start"], j["end"]) for j in jobs])
+    exits = [j.get("exit", j["end"]) for j in jobs]
+    alive = union_seconds([(j["start"], e) for j, e in zip(jobs, exits)])
     working = union_seconds([(j["imported"], j["end"]) for j in jobs])
+    mean = (lambda xs: statistics.mean(xs) if xs else 0.0)
     return {"wall_s": wall, "jobs": len(jobs),
-            "outside": 1 - working / wall, "scheduler": 1 - alive / wall, "startup": (alive - working) / wall,
-            "per_job_startup_s": statistics.mean(j["imported"] - j["start"] for j in jobs) if jobs else 0.0,
-            "startup_share_of_job_time": (sum(j["imported"] - j["start"] for j in jobs)
-                                          / max(sum(j["end"] - j["start"] for j in jobs), 1e-9))}
+            "outside": 1 - working / wall, "scheduler": 1 - alive / wall, "job_overhead": (alive - working) / wall,
+            "first_job_s": min(j["start"] for j in jobs) - t_begin if jobs else 0.0,
+            "startup_s": mean([j["imported"] - j["start"] for j in jobs]),
+            "teardown_s": mean([e - j["end"] for j, e in zip(jobs, exits)]),
+            "overhead_share_of_job_time": (sum(e - j["start"] - (j["end"] - j["imported"]) for j, e in zip(jobs, exits))
+                                           / max(sum(e - j["start"] for j, e in zip(jobs, exits)), 1e-9))}
 
 
-def timed_pipeline_run(configfile: str, workdir: Path, cores: int = 2) -> dict:
-    """Run Snakemake on `configfile` into workdir/results with every job timed."""
+def timing_shim(workdir: Path) -> tuple[dict, Path]:
+    """(environment, log): with the environment, `python` on PATH is a shell script that
+    runs TIMED_JOB, and records when the interpreter has exited (its teardown counts too)."""
     shim = workdir / "shim"
     shim.mkdir(parents=True, exist_ok=True)
     (shim / "timed_job.py").write_text(TIMED_JOB)
     (shim / "python").write_text(
-        f'#!/bin/sh\nGRADLOC_BENCH_T0=$(date +%s.%N) exec "{sys.executable}" "{shim / "timed_job.py"}" "$@"\n')
+        "#!/bin/sh\nexport GRADLOC_BENCH_ID=$$\n"
+        f'GRADLOC_BENCH_T0=$(date +%s.%N) "{sys.executable}" "{shim / "timed_job.py"}" "$@"\n'
+        'rc=$?\nprintf \'{"id": %s, "exit": %s}\\n\' "$$" "$(date +%s.%N)" >> "$GRADLOC_BENCH_LOG"\nexit $rc\n')
     (shim / "python").chmod(0o755)
     log = workdir / "jobs.jsonl"
     log.unlink(missing_ok=True)
-    env = {**(PIPELINE_ENV or os.environ), "PATH": f"{shim}{os.pathsep}{os.environ.get('PATH', '')}", "GRADLOC_BENCH_LOG": str(log)}
+    env = dict(PIPELINE_ENV or os.environ)
+    env.update(PATH=f"{shim}{os.pathsep}{env.get('PATH', '')}", GRADLOC_BENCH_LOG=str(log),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH", "")])))
+    return env, log
+
+
+def read_job_log(log: Path) -> list[dict]:
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    exits = {r["id"]: r["exit"] for r in records if "exit" in r}
+    return [{**r, "exit": exits.get(r["id"], r["end"])} for r in records if "stage" in r]
+
+
+def timed_pipeline_run(configfile: str, workdir: Path, cores: int = 2) -> dict:
+    """Run Snakemake on `configfile` into workdir/results with every job timed."""
+    env, log = timing_shim(workdir)
     t_begin = time.time()
     r = subprocess.run(snakemake_cmd("--cores", str(cores), "--configfile", configfile,
                                      "--config", f"results={workdir / 'results'}"),
@@ -494,24 +516,54 @@ def timed_pipeline_run(configfile: str, workdir: Path, cores: int = 2) -> dict:
     t_end = time.time()
     if r.returncode != 0:
         raise RuntimeError(f"snakemake run failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    jobs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    jobs = read_job_log(log)
     if not jobs:
         raise RuntimeError("no job was timed: did the rules stop calling `python -m gradloc`?")
     return overhead_shares(jobs, t_begin, t_end)
 
 
-def fig_pipeline(workdir: Path, dry_reps: int, run_config: str | None) -> list[dict]:
+def slurm_probe_seconds() -> float | None:
+    """Seconds of `scontrol show config`, which the SLURM executor plugin runs (timeout 10 s)
+    when Snakemake imports it, i.e. at every Snakemake start; None without scontrol."""
+    if not shutil.which("scontrol"):
+        return None
+    t = time.perf_counter()
+    try:
+        subprocess.run(["scontrol", "show", "config"], capture_output=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    return time.perf_counter() - t
+
+
+def without_scontrol(workdir: Path) -> dict:
+    """The environment with an `scontrol` that fails at once, as on a machine without SLURM."""
+    stub = workdir / "no_slurm"
+    stub.mkdir(parents=True, exist_ok=True)
+    (stub / "scontrol").write_text("#!/bin/sh\nexit 1\n")
+    (stub / "scontrol").chmod(0o755)
+    env = dict(PIPELINE_ENV or os.environ)
+    return {**env, "PATH": f"{stub}{os.pathsep}{env.get('PATH', '')}"}
+
+
+def fig_pipeline(workdir: Path, dry_reps: int, run_config: str | None, slurm_probe: bool = True) -> list[dict]:
     dry, n_jobs = dry_run_seconds(workdir / "dry_results", dry_reps)
     rows = [row(4, f"snakemake -n, config/config.yaml ({n_jobs} jobs)", dry, "<3", "s")]
+    probe = slurm_probe_seconds() if slurm_probe else None
+    if probe is not None:  # a SLURM client without a reachable controller stalls every start
+        rows.append(row(4, "  of which the SLURM plugin's `scontrol show config` probe", probe, "", "s"))
+        stubbed, _ = dry_run_seconds(workdir / "dry_results", dry_reps, without_scontrol(workdir))
+        rows.append(row(4, "snakemake -n, config/config.yaml, scontrol stubbed out", stubbed, "<3", "s"))
     if run_config:
         o = timed_pipeline_run(run_config, workdir / "run")
         s = f"{run_config}, {o['jobs']} jobs, {o['wall_s']:.0f} s wall"
         rows += [row(4, f"share of wall time outside stage work, {s}", o["outside"], "<0.05", "share"),
-                 row(4, f"  of which Snakemake (no job running), {s}", o["scheduler"], "", "share"),
-                 row(4, f"  of which job start-up (Python + imports), {s}", o["startup"], "", "share"),
-                 row(4, f"mean job start-up (Python + imports), {run_config}", o["per_job_startup_s"], "", "s"),
-                 row(4, f"start-up share of summed job time, {run_config}",
-                     o["startup_share_of_job_time"], "", "share")]
+                 row(4, f"  of which Snakemake alone (no job process alive), {s}", o["scheduler"], "", "share"),
+                 row(4, f"  of which job start-up and exit, no job working, {s}", o["job_overhead"], "", "share"),
+                 row(4, f"Snakemake start to first job, {run_config}", o["first_job_s"], "", "s"),
+                 row(4, f"mean job start-up (Python + imports), {run_config}", o["startup_s"], "", "s"),
+                 row(4, f"mean job exit (interpreter teardown), {run_config}", o["teardown_s"], "", "s"),
+                 row(4, f"start-up + exit share of summed job time, {run_config}",
+                     o["overhead_share_of_job_time"], "", "share")]
     return rows
 
 
@@ -602,7 +654,8 @@ def run_all(preset: dict, workdir: Path, figures=(1, 2, 3, 4, 5), pipeline_confi
         2: lambda: fig_targeted(p["train_size"], p["train_batch"], T, p["train_reps"]),
         3: lambda: fig_throughput(p["tput_size"], p["tput_batch"], T, p["tput_steps"], p["tput_reps"],
                                   workdir / "throughput"),
-        4: lambda: fig_pipeline(workdir / "pipeline", p["dry_reps"], pipeline_config if p["pipeline"] else None),
+        4: lambda: fig_pipeline(workdir / "pipeline", p["dry_reps"], pipeline_config if p["pipeline"] else None,
+                                p.get("slurm_probe", True)),
         5: lambda: fig_scaling(p["scale_counts"], p["scale_count_size"], p["scale_sizes"], p["scale_size_batch"],
                                T, p["reps"]),
     }

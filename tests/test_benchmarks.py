@@ -5,6 +5,7 @@ No timing is asserted: times on a shared machine say nothing."""
 import csv
 import importlib.util
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -89,14 +90,17 @@ def test_step_flops_limit(bench):
 def test_overhead_shares_from_job_intervals(bench):
     assert bench.union_seconds([(0, 2), (1, 3), (5, 6)]) == 4
     assert bench.union_seconds([]) == 0
-    # 10 s wall; two overlapping jobs alive 1..6 and 2..9 (8 s), working 3..6 and 4..9 (6 s)
-    jobs = [{"start": 1, "imported": 3, "end": 6}, {"start": 2, "imported": 4, "end": 9}]
+    # 10 s wall; two overlapping jobs alive 1..6 and 2..9 (8 s), working 3..5 and 4..9 (6 s);
+    # the first job's interpreter exits 1 s after its work
+    jobs = [{"start": 1, "imported": 3, "end": 5, "exit": 6}, {"start": 2, "imported": 4, "end": 9}]
     o = bench.overhead_shares(jobs, 0, 10)
     assert o["scheduler"] == pytest.approx(0.2)
-    assert o["startup"] == pytest.approx(0.2)
+    assert o["job_overhead"] == pytest.approx(0.2)
     assert o["outside"] == pytest.approx(0.4)
-    assert o["per_job_startup_s"] == pytest.approx(2)
-    assert o["startup_share_of_job_time"] == pytest.approx(4 / 12)
+    assert o["startup_s"] == pytest.approx(2)
+    assert o["teardown_s"] == pytest.approx(0.5)
+    assert o["first_job_s"] == pytest.approx(1)
+    assert o["overhead_share_of_job_time"] == pytest.approx(5 / 12)
 
 
 def test_loglog_slope_and_targets(bench):
@@ -105,3 +109,14 @@ def test_loglog_slope_and_targets(bench):
     assert bench.meets(1.2, "<=1.5") == "yes" and bench.meets(1.6, "<=1.5") == "no"
     assert bench.meets(0.75, "0.700±10%") == "yes" and bench.meets(0.8, "0.700±10%") == "no"
     assert bench.meets(8.1, "~8") == ""
+
+
+def test_timing_shim_records_a_stage_process(bench, tmp_path):
+    env, log = bench.timing_shim(tmp_path)
+    # a stage that fails fast on a missing input: exit code 2, still timed
+    r = subprocess.run(["python", "-m", "gradloc", "select", "--profile", str(tmp_path / "none"),
+                        "--out", str(tmp_path / "sel.json")], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    (job,) = bench.read_job_log(log)
+    assert job["stage"] == "select" and job["rc"] == 2
+    assert job["start"] <= job["imported"] <= job["end"] <= job["exit"]
