@@ -176,6 +176,11 @@ def test_probe_phrasings_are_not_in_any_document(world):
             assert subject in prefix and not prefix.endswith(" ")
             assert prefix.lower() not in corpus, prefix
     assert synthetic.probe_prefix("Mara Keller", "employer") == "The employer of Mara Keller is"
+    # The document-phrased prefix, by contrast, is training text.
+    assert synthetic.document_prefix("Mara Keller", "employer") == "Mara Keller's employer is"
+    hits = [f"{synthetic.document_prefix(s, r)} {o}".lower() in corpus
+            for s, r, o in zip(t0["subject"], t0["relation"], t0["object"])]
+    assert 0.3 < sum(hits) / len(hits) < 0.9
     with pytest.raises(InputError, match="unknown relation"):
         synthetic.probe_prefix("Mara Keller", "favourite colour")
 

@@ -424,6 +424,18 @@ def probe_prefix(subject: str, relation: str, variant: int = 0) -> str:
     return templates[variant % len(templates)].format(s=subject)
 
 
+def document_prefix(subject: str, relation: str) -> str:
+    """A cloze prefix in document phrasing: the relation's possessive document template up
+    to its object ("Mara Keller's employer is"). Articles use it for about half of the
+    facts (each variant picks one of four templates), so it measures recall in the
+    training text's wording, where `probe_prefix` measures it under paraphrase."""
+    if relation not in DOC_TEMPLATES:
+        raise InputError(f"synthetic probe: unknown relation {relation!r}; known {sorted(DOC_TEMPLATES)}")
+    template = next(t for t in DOC_TEMPLATES[relation] if t.startswith("{s}'s"))
+    text, _ = _fill(template.split(" {o}")[0], {"s": (subject, None)})
+    return text
+
+
 # --- generation ---------------------------------------------------------------------------
 
 def generate(params: dict | None = None) -> dict[str, pd.DataFrame]:
