@@ -24,6 +24,10 @@ def atomic_output(path: str | os.PathLike, is_dir: bool = True):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    # mkdtemp makes 0700 folders; give the output the usual umask-based mode instead.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     target = tmp if is_dir else tmp / path.name
     try:
         yield target
