@@ -136,7 +136,7 @@ def check_slurm_jobs(jobs: dict[str, tuple[str, str]], partition: str, logdir: P
         info = scontrol_job(slurm_id)
         where = f"SLURM job {slurm_id} (rule {rule})"
         assert info["JobState"] == "COMPLETED", (where, info["JobState"])
-        assert info["Comment"].startswith(f"rule_{rule}"), (where, info["Comment"])
+        assert re.fullmatch(rf"rule_{re.escape(rule)}(_wildcards_\S+)?", info["Comment"]), (where, info["Comment"])
         assert info["Partition"] == partition, where
         assert info["Account"] == ACCOUNT, where
         gpus = re.search(r"gpu[:=](\d+)", info.get("TresPerJob", "") + " " + info.get("TresPerNode", ""))
