@@ -1,0 +1,161 @@
+"""Exact reruns after config changes.
+
+After one completed run of config/test.yaml (conftest's `test_run`), each test changes one setting (a modified
+copy of the config, passed with --configfile) and asks `snakemake -n` which jobs would
+run. Snakemake 9's default rerun triggers (mtime, params, input, software-env, code)
+decide; every rule passes exactly its config slice as `params`, so the job sets below
+are exact: nothing more, nothing less.
+
+Jobs are named (rule, output path relative to the results folder), e.g.
+("train", "train/lora/seed0/P2").
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_CONFIG = REPO / "config" / "test.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+def snakemake(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run Snakemake on this repository's workflow, from its root (so the workflow
+    profile profiles/default applies, as for a user)."""
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\S+):$")
+
+
+def planned_jobs(output: str, results: Path) -> set[tuple[str, str]]:
+    """(rule, first output relative to `results`) of every job in a dry run's listing.
+    The target rule `all` has no output and is left out."""
+    jobs, rule = set(), None
+    for line in output.splitlines():
+        m = JOB_HEADER.match(line)
+        if m:
+            rule = m.group(1)
+            continue
+        if rule and line.startswith("    output: "):
+            first = line[len("    output: "):].split(", ")[0]
+            jobs.add((rule, os.path.relpath(first, results)))
+            rule = None
+    return jobs
+
+
+# --- The pipeline's jobs for a config, by stage --------------------------------------
+
+def periods(cfg: dict) -> list[int]:
+    return list(range(1, cfg["data"]["synthetic"]["n_snapshots"]))
+
+
+def uses_selection(cfg: dict, method: str) -> bool:
+    return cfg["train"]["methods"][method].get("layers", "all") != "all"
+
+
+def train_and_eval(cfg: dict, methods) -> set[tuple[str, str]]:
+    return {(rule, f"{folder}/{m}/seed{s}/P{p}")
+            for m in methods for s in cfg["train"]["seeds"] for p in periods(cfg)
+            for rule, folder in (("train", "train"), ("evaluate", "eval"))}
+
+
+REPORT = {("report", "report/table.csv")}
+DATA = {("download", "corpus"), ("split", "split"), ("tag", "tagged"), ("probes", "probes")}
+
+
+def all_jobs(cfg: dict) -> set[tuple[str, str]]:
+    return (DATA | {("base_model", "base_model"), ("profile", "profile"),
+                    ("select", "select/selection.json")}
+            | {("evaluate_base", f"eval/base/P{p}") for p in periods(cfg)}
+            | train_and_eval(cfg, cfg["train"]["methods"]) | REPORT)
+
+
+# --- One completed run, then dry runs with one change each ---------------------------
+
+@pytest.fixture(scope="module")
+def completed(test_run, tmp_path_factory):
+    """The session's completed run of config/test.yaml (conftest `test_run`), a folder for
+    changed configs, and the config itself."""
+    return tmp_path_factory.mktemp("reruns"), test_run, yaml.safe_load(TEST_CONFIG.read_text())
+
+
+def dry_run_with(completed, change: dict) -> set[tuple[str, str]]:
+    """Jobs `snakemake -n` plans after merging `change` (nested dict) into the config."""
+    tmp, results, cfg = completed
+    changed = copy.deepcopy(cfg)
+
+    def merge(into, new):
+        for k, v in new.items():
+            if isinstance(v, dict) and isinstance(into.get(k), dict):
+                merge(into[k], v)
+            else:
+                into[k] = v
+
+    merge(changed, change)
+    path = tmp / f"changed_{len(list(tmp.glob('changed_*')))}.yaml"
+    path.write_text(yaml.safe_dump(changed))
+    run = snakemake("-n", "--configfile", str(path), "--config", f"results={results}", timeout=300)
+    assert run.returncode == 0, run.stderr[-5000:]
+    return planned_jobs(run.stdout + run.stderr, results)
+
+
+def test_nothing_reruns_without_a_change(completed):
+    assert dry_run_with(completed, {}) == set()
+
+
+def test_training_hyperparameter_reruns_training_evaluation_and_report(completed):
+    _, _, cfg = completed
+    jobs = dry_run_with(completed, {"train": {"lr": cfg["train"]["lr"] * 2}})
+    assert jobs == train_and_eval(cfg, cfg["train"]["methods"]) | REPORT
+
+
+def test_one_methods_setting_reruns_only_that_method(completed):
+    _, _, cfg = completed
+    assert cfg["train"]["methods"]["lora"]["lora"]["r"] != 8
+    jobs = dry_run_with(completed, {"train": {"methods": {"lora": {"lora": {"r": 8}}}}})
+    assert jobs == train_and_eval(cfg, ["lora"]) | REPORT
+
+
+def test_layer_selection_reruns_selection_and_the_methods_that_use_it(completed):
+    _, _, cfg = completed
+    selective = [m for m in cfg["train"]["methods"] if uses_selection(cfg, m)]
+    # Both kinds must exist, or the test would not show that `full`/`lora` are spared.
+    assert selective and len(selective) < len(cfg["train"]["methods"])
+    assert cfg["select"]["rule"] != "topk"
+    jobs = dry_run_with(completed, {"select": {"rule": "topk", "k": 2}})
+    assert jobs == {("select", "select/selection.json")} | train_and_eval(cfg, selective) | REPORT
+    # Spelled out: no data, base model, profile, base evaluation, full or lora training.
+    rules = {rule for rule, _ in jobs}
+    assert rules == {"select", "train", "evaluate", "report"}
+    assert not any(m in out.split("/") for _, out in jobs for m in ("full", "lora"))
+
+
+def test_data_generation_value_reruns_everything(completed):
+    _, _, cfg = completed
+    jobs = dry_run_with(completed, {"data": {"synthetic": {"seed": cfg["data"]["synthetic"]["seed"] + 1}}})
+    assert jobs == all_jobs(cfg)
+
+
+def test_job_model_matches_the_workflow(tmp_path):
+    """all_jobs() above is the real DAG: a dry run into an empty folder plans exactly it."""
+    cfg = yaml.safe_load(TEST_CONFIG.read_text())
+    results = tmp_path / "results"
+    run = snakemake("-n", "--configfile", str(TEST_CONFIG), "--config", f"results={results}", timeout=300)
+    assert run.returncode == 0, run.stderr[-5000:]
+    assert planned_jobs(run.stdout + run.stderr, results) == all_jobs(cfg)
+
+
+def test_report_setting_reruns_only_the_report(completed):
+    jobs = dry_run_with(completed, {"report": {"title": "another title"}})
+    assert jobs == REPORT
