@@ -204,3 +204,23 @@ def test_schedule_warmup_then_linear_or_cosine_decay():
     assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
     with pytest.raises(InputError, match="schedule"):
         train.settings({"common": {"schedule": "step"}})
+
+
+def test_gpu_request_is_checked(monkeypatch):
+    """A job that asked for GPUs fails clearly when CUDA sees fewer; CPU-only torch only warns."""
+    from gradloc.io import InputError
+    from gradloc.train import check_gpus
+
+    check_gpus(0, 1)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_gpus(1, 1)
+    with pytest.raises(InputError, match="asked for 2 GPU\\(s\\) but CUDA sees 1"):
+        check_gpus(2, 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(InputError, match="accelerate launch --multi_gpu --num_processes 4"):
+        check_gpus(4, 1)
+    check_gpus(4, 4)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_gpus(2, 1)  # CPU-only build: warns, trains on CPU

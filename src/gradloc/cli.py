@@ -34,6 +34,7 @@ STAGES = {
                                 ("tagged", "tagged folder"), ("selection", "selection JSON file"),
                                 ("period", "update period index (1..n)"), ("seed", "random seed"),
                                 ("state", "folder for resumable training state"),
+                                ("gpus", "GPUs the job asked for (0: any device); fail if fewer are visible"),
                                 ("out", "output folder")]),
     "evaluate": ("gradloc.evaluate", [("model", "checkpoint folder"), ("probes", "probes folder"),
                                       ("tagged", "tagged folder"), ("period", "update period index"),
@@ -43,7 +44,8 @@ STAGES = {
                                   ("out", "output folder")]),
 }
 LIST_ARGS = {"evals", "trains"}
-INT_ARGS = {"period", "seed"}
+INT_ARGS = {"period", "seed", "gpus"}
+OPTIONAL_ARGS = {"selection", "state", "gpus"}
 
 
 def parse_params(text: str) -> dict:
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
         p.add_argument("--params", default="{}", help="config slice as JSON, or @file.json/@file.yaml")
         for name, help_ in args:
-            kw = {"nargs": "*", "default": []} if name in LIST_ARGS else {"required": name not in ("selection", "state")}
+            kw = {"nargs": "*", "default": []} if name in LIST_ARGS else {"required": name not in OPTIONAL_ARGS}
             if name in INT_ARGS:
                 kw["type"] = int
             p.add_argument(f"--{name.replace('_', '-')}", dest=name, help=help_, **kw)

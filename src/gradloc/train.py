@@ -216,13 +216,33 @@ def train_step(accelerator, model, optimizer, prepared, data, rows, grad_accum, 
     return step_loss
 
 
-def run(params: dict, init, tagged, selection=None, period=1, seed=0, state=None, out="train") -> dict:
+def check_gpus(requested: int, num_processes: int) -> None:
+    """Fail clearly when a job that asked for GPUs cannot see them (a wrong --gres, a
+    CUDA_VISIBLE_DEVICES mix-up), instead of silently training on the CPU. A CPU-only
+    torch build cannot use GPUs at all; there the request is only warned about, so the
+    same rules run on machines without GPUs."""
+    if not requested:
+        return
+    if torch.version.cuda is None and not torch.cuda.is_available():
+        log.warning("the job asked for %d GPU(s) but this torch build has no CUDA; training on CPU", requested)
+        return
+    visible = torch.cuda.device_count()
+    if visible < requested:
+        raise InputError(f"the job asked for {requested} GPU(s) but CUDA sees {visible} "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    if requested > 1 and num_processes != requested:
+        raise InputError(f"the job asked for {requested} GPUs but runs {num_processes} process(es): "
+                         f"launch it with `accelerate launch --multi_gpu --num_processes {requested} -m gradloc train ...`")
+
+
+def run(params: dict, init, tagged, selection=None, period=1, seed=0, state=None, out="train", gpus=0) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     cfg = settings(params)
     period, seed = int(period), int(seed)
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg["precision"]))
+    check_gpus(int(gpus or 0), accelerator.num_processes)
     set_seed(seed)
     # fp32 master weights; mixed precision is autocast on top, never bf16 weights.
     model, tokenizer = methods.load_checkpoint(init, dtype=torch.float32)

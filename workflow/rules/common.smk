@@ -53,6 +53,20 @@ def train_params(method):
                       sort_keys=True, separators=(",", ":"))
 
 
+def launcher(gpus):
+    gpus = int(gpus)
+    if gpus <= 1:
+        return "python -m gradloc"
+    return f"accelerate launch --multi_gpu --num_processes {gpus} -m gradloc"
+
+
+def data_params():
+    """Only the active source's settings: a default added for another source must not
+    rerun this one's whole pipeline."""
+    d = config["data"]
+    return json.dumps({"source": d["source"], d["source"]: d[d["source"]]}, sort_keys=True, separators=(",", ":"))
+
+
 def needs_selection(method):
     return config["train"]["methods"][method].get("layers", "all") != "all"
 

@@ -2,7 +2,7 @@ rule download:
     output:
         directory(f"{R}/corpus"),
     params:
-        p=cfg("data"),
+        p=data_params(),
     log:
         f"{R}/logs/download.log",
     conda:

@@ -10,6 +10,8 @@ rule train:
         selection=lambda w, input: f"--selection {input.selection[0]}" if input.selection else "",
         # Resumable state lives outside the output, which Snakemake deletes after a failure.
         state=f"{R}/.train_state/{{method}}/seed{{seed}}/P{{period}}",
+        # `gpu: N` (e.g. --set-resources train:gpu=4) trains data-parallel on N GPUs.
+        launcher=lambda w, resources: launcher(resources.gpu),
     log:
         f"{R}/logs/train/{{method}}/seed{{seed}}/P{{period}}.log",
     benchmark:
@@ -20,6 +22,6 @@ rule train:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m gradloc train --params {params.p:q} --init {input.init} --tagged {input.tagged}"
+        "{params.launcher} train --params {params.p:q} --init {input.init} --tagged {input.tagged}"
         " {params.selection} --period {wildcards.period} --seed {wildcards.seed}"
-        " --state {params.state} --out {output} > {log} 2>&1"
+        " --state {params.state} --gpus {resources.gpu} --out {output} > {log} 2>&1"
