@@ -55,19 +55,19 @@ PRESETS = {
     "full": {
         "seq_len": 128, "reps": 3,
         "profile_sizes": [(4, 128), (8, 256)], "profile_batches": [8, 32],
-        "train_size": (8, 256), "train_batch": 8, "train_reps": 6,
+        "train_size": (8, 256), "train_batch": 8, "train_reps": 10,
         "tput_size": (4, 128), "tput_batch": 8, "tput_steps": 12, "tput_reps": 3,
         "scale_counts": [8, 16, 32], "scale_count_size": (4, 128),
-        "scale_sizes": [(2, 128), (4, 192), (8, 256)], "scale_size_batch": 8,
+        "scale_sizes": [(2, 128), (4, 192), (8, 256)], "scale_size_batch": 8, "scale_reps": 5,
         "dry_reps": 3, "pipeline": True,
     },
     "quick": {
         "seq_len": 64, "reps": 2,
         "profile_sizes": [(4, 128), (8, 256)], "profile_batches": [8, 32],
-        "train_size": (8, 128), "train_batch": 8, "train_reps": 4,
+        "train_size": (8, 128), "train_batch": 8, "train_reps": 6,
         "tput_size": (4, 128), "tput_batch": 8, "tput_steps": 8, "tput_reps": 2,
         "scale_counts": [8, 16, 32], "scale_count_size": (4, 128),
-        "scale_sizes": [(2, 64), (4, 128), (8, 192)], "scale_size_batch": 8,
+        "scale_sizes": [(2, 64), (4, 128), (8, 192)], "scale_size_batch": 8, "scale_reps": 3,
         "dry_reps": 2, "pipeline": True,
     },
     # the smoke test: every code path, seconds
@@ -77,7 +77,7 @@ PRESETS = {
         "train_size": (4, 32), "train_batch": 2, "train_reps": 1,
         "tput_size": (2, 32), "tput_batch": 2, "tput_steps": 2, "tput_reps": 1,
         "scale_counts": [2, 4, 8], "scale_count_size": (2, 32),
-        "scale_sizes": [(1, 32), (2, 32), (4, 32)], "scale_size_batch": 2,
+        "scale_sizes": [(1, 32), (2, 32), (4, 32)], "scale_size_batch": 2, "scale_reps": 1,
         "dry_reps": 1, "pipeline": False, "slurm_probe": False,
     },
 }
@@ -116,6 +116,12 @@ def interleaved(fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]
 
 def median(xs) -> float:
     return statistics.median(xs)
+
+
+def paired_ratio(times: dict, name: str, base: str) -> float:
+    """Median over rounds of time(name) / time(base) in the same round: a slow drift of the
+    machine's load cancels within a round."""
+    return median([a / b for a, b in zip(times[name], times[base])])
 
 
 def loglog_slope(xs, ys) -> float:
@@ -257,8 +263,8 @@ def fig_profiling(sizes, batches, seq_len: int, reps: int) -> list[dict]:
                              "naive": lambda: naive_grad_norms(model, ids, mask, units)}, reps)
             base = median(t["plain"])
             s = f"{n_layer}x{n_embd}, B={B}, T={seq_len}"
-            rows.append(row(1, f"ours / plain fwd+bwd, {s}", median(t["ours"]) / base, "<=1.5"))
-            rows.append(row(1, f"naive loop / plain fwd+bwd, {s}", median(t["naive"]) / base, f"~{B}"))
+            rows.append(row(1, f"ours / plain fwd+bwd, {s}", paired_ratio(t, "ours", "plain"), "<=1.5"))
+            rows.append(row(1, f"naive loop / plain fwd+bwd, {s}", paired_ratio(t, "naive", "plain"), f"~{B}"))
             rows.append(row(1, f"plain fwd+bwd time, {s}", base, "", "s"))
             rows.append(row(1, f"ours vs naive max relative difference, {s}", err, "<1e-3", "rel"))
         del model
@@ -288,7 +294,7 @@ def fig_targeted(size, batch: int, seq_len: int, reps: int) -> list[dict]:
             continue
         _, opt, trained = trainees[name]
         limit = step_flops(n_layer, n_embd, seq_len, VOCAB, blocks) / full_flops
-        measured = median(t[name]) / full_t
+        measured = paired_ratio(t, name, "full")
         rows.append(row(2, f"TGL-FP step / full step, {name}, {s0}", measured, f"{limit:.3f}±10%"))
         rows.append(row(2, f"analytical limit, {name}", limit, "", "ratio"))
         rows.append(row(2, f"AdamW state / full, {name}", optimizer_state_bytes(opt) / full_state,
@@ -390,9 +396,11 @@ def fig_throughput(size, batch: int, seq_len: int, steps: int, reps: int, workdi
         got["trainer"].append(trainer_throughput(init, tagged, workdir / "trainer", batch, seq_len))
 
     interleaved({"ours": ours, "trainer": trainer}, reps)
-    tok_s = {k: median([tok / sec for tok, sec in v[1:]]) for k, v in got.items()}  # [0] is the warm-up
+    rates = {k: [tok / sec for tok, sec in v[1:]] for k, v in got.items()}  # [0] is the warm-up
+    tok_s = {k: median(v) for k, v in rates.items()}
+    ratio = median([a / b for a, b in zip(rates["ours"], rates["trainer"])])
     s = f"{size[0]}x{size[1]}, B={batch}, T={seq_len}, {steps} steps, full fine-tuning"
-    return [row(3, f"gradloc train / HF Trainer tokens/s, {s}", tok_s["ours"] / tok_s["trainer"], ">=1.0"),
+    return [row(3, f"gradloc train / HF Trainer tokens/s, {s}", ratio, ">=1.0"),
             row(3, f"gradloc train tokens/s, {s}", tok_s["ours"], "", "tokens/s"),
             row(3, f"HF Trainer tokens/s, {s}", tok_s["trainer"], "", "tokens/s")]
 
@@ -594,7 +602,9 @@ def fig_scaling(counts, count_size, sizes, size_batch: int, seq_len: int, reps: 
         for kind, name in (("profile", "profile"), ("step", "train step")):
             ys = [median(t[(kind, x)]) for x in xs]
             rows.extend(row(5, f"{name} time, {label}={p[1]}", y, "", "s") for p, y in zip(points, ys))
-            rows.append(row(5, f"{name} growth exponent vs {label}", loglog_slope(xs, ys), "<=1.1", "exponent"))
+            # the slope of each round's points, median over rounds (paired, like the ratios)
+            slope = median([loglog_slope(xs, [t[(kind, x)][r] for x in xs]) for r in range(reps)])
+            rows.append(row(5, f"{name} growth exponent vs {label}", slope, "<=1.1", "exponent"))
         del models, fns
 
     series("sequences", [(n, f"{n} ({count_size[0]}x{count_size[1]}, T={seq_len})", count_size, n) for n in counts])
@@ -657,7 +667,7 @@ def run_all(preset: dict, workdir: Path, figures=(1, 2, 3, 4, 5), pipeline_confi
         4: lambda: fig_pipeline(workdir / "pipeline", p["dry_reps"], pipeline_config if p["pipeline"] else None,
                                 p.get("slurm_probe", True)),
         5: lambda: fig_scaling(p["scale_counts"], p["scale_count_size"], p["scale_sizes"], p["scale_size_batch"],
-                               T, p["reps"]),
+                               T, p["scale_reps"]),
     }
     for fig in figures:
         t = time.perf_counter()
