@@ -143,3 +143,29 @@ def test_run_writes_scores_and_heldout_ppl(tmp_path):
         n += len(s) - 1
     assert math.isclose(summary["heldout_ppl"], math.exp(-total / n), rel_tol=1e-5)
     assert summary["unchanged"]["n"] + summary["updated"]["n"] == 8
+
+
+def test_k_adapter_checkpoint_is_scored_with_its_adapters(tmp_path):
+    from gradloc.methods import KAdapterModel, save_checkpoint
+
+    model, tokenizer = tiny()
+    torch.manual_seed(1)
+    ka = KAdapterModel(model, layers=[0, 1], scale=1.0).eval()
+    with torch.no_grad():  # adapters that visibly change the output
+        for p in ka.adapters.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    save_checkpoint(ka, tokenizer, tmp_path / "ka" / "model")
+    probes = make_probes(model)
+    probes["period"], probes["subject_id"], probes["subject"], probes["relation"] = 1, "s", "s", "r"
+    (tmp_path / "probes").mkdir()
+    probes.to_parquet(tmp_path / "probes" / "probes.parquet")
+    (tmp_path / "tagged").mkdir()
+    pd.DataFrame({"seq_id": ["a"], "period": [1], "split": ["heldout"], "doc_id": "x", "origin": "diff",
+                  "text": ["w1 w2 w3"], "knowledge_type": "none"}).to_parquet(tmp_path / "tagged" / "sequences.parquet")
+    evaluate.run({}, model=tmp_path / "ka", probes=tmp_path / "probes", tagged=tmp_path / "tagged", period=1,
+                 out=tmp_path / "eval")
+    got = pd.read_parquet(tmp_path / "eval" / "scores.parquet")
+    with_adapters = score_probes(ka, tokenizer, probes, 4, progress=False)
+    without = score_probes(model, tokenizer, probes, 4, progress=False)
+    np.testing.assert_allclose(got["object_logprob"], with_adapters["object_logprob"], atol=1e-5)
+    assert np.abs(got["object_logprob"] - without["object_logprob"]).max() > 1e-3

@@ -1,7 +1,8 @@
 """Evaluation of one checkpoint on one period: probe scores and held-out perplexity.
 
 Inputs: a checkpoint folder (`<dir>/model` if present, else `<dir>` itself: a merged
-model for LoRA, so a plain load works), `probes/probes.parquet` (the period's probes,
+model for LoRA, so a plain load works; a K-Adapter checkpoint is loaded with its
+adapters by `methods.load_checkpoint`), `probes/probes.parquet` (the period's probes,
 every set present) and `tagged/sequences.parquet` (the period's held-out split).
 Outputs `scores.parquet` and `summary.json` (docs/formats.md).
 """
@@ -15,7 +16,8 @@ import pandas as pd
 import torch
 
 from .io import InputError, atomic_output, read_table, write_json, write_parquet
-from .models import checkpoint_dir, load_model
+from .methods import load_checkpoint
+from .models import checkpoint_dir
 from .scoring import PROBE_COLUMNS, perplexity, score_probes, summarize, text_logprob
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ def run(params: dict, model, probes, tagged, period, out) -> None:
     ckpt = checkpoint_dir(model)
     if not Path(ckpt).exists():
         raise InputError(f"{ckpt}: checkpoint folder not found")
-    lm, tokenizer = load_model(ckpt)
+    lm, tokenizer = load_checkpoint(ckpt)
     lm.to(device()).eval()
     probe_df = period_probes(probes, period, params["max_probes_per_set"])
     texts = heldout_texts(tagged, period, params["heldout_max_sequences"])
