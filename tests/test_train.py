@@ -224,3 +224,42 @@ def test_gpu_request_is_checked(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     check_gpus(2, 1)  # CPU-only build: warns, trains on CPU
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(world, tmp_path):
+    """A training job killed with SIGKILL (as SLURM does on preemption) leaves no output,
+    and rerunning the same command continues from the saved state to the same weights."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    method = {"layers": "tgl_alr"}
+    run(world, tmp_path / "full", method, save_every=2)
+
+    def command(extra):
+        params = {"name": "m", "common": {**COMMON, "save_every": 2}, "method": method, **extra}
+        return [sys.executable, "-m", "gradloc", "train", "--params", json.dumps(params),
+                "--init", str(world / "base_model"), "--tagged", str(world / "tagged"),
+                "--selection", str(world / "sel.json"), "--period", "1", "--seed", "0",
+                "--state", str(tmp_path / "state"), "--out", str(tmp_path / "killed")]
+
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command({"_hang_after_steps": 2}), stderr=subprocess.PIPE, text=True, env=env)
+    # Wait (no timing assumption: read the process's own word) until it hangs past step 2.
+    for line in proc.stderr:
+        if "hanging after step" in line:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed").exists(), "a killed job must leave no output"
+    assert json.loads((tmp_path / "state" / "latest.json").read_text())["step"] == 2
+
+    subprocess.run(command({}), check=True, env=env, capture_output=True)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "killed" / "metrics.json").read_text())["steps"] == \
+        json.loads((tmp_path / "full" / "metrics.json").read_text())["steps"]
+    assert not (tmp_path / "state").exists()
+    assert not list(tmp_path.glob(".killed.tmp-*")), "the killed attempt's temporary output is cleaned up"

@@ -23,6 +23,8 @@ def atomic_output(path: str | os.PathLike, is_dir: bool = True):
     without error, so a crash never leaves something that looks complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed earlier attempt
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     # mkdtemp makes 0700 folders; give the output the usual umask-based mode instead.
     umask = os.umask(0)

@@ -42,7 +42,7 @@ LOG_COLUMNS = ["step", "epoch", "loss", "lr", "tokens_per_s"]
 
 def settings(params: dict) -> dict:
     """Train-wide settings with the method's own `lr`/`epochs` on top, defaults filled in."""
-    unknown = set(params) - {"name", "common", "method", "_stop_after_steps"}
+    unknown = set(params) - {"name", "common", "method", "_stop_after_steps", "_hang_after_steps"}
     if unknown:
         raise InputError(f"train params: unknown top-level key(s) {sorted(unknown)}; expected name, common, method")
     common = {k: v for k, v in (params.get("common") or {}).items() if k not in ("methods", "seeds")}
@@ -54,7 +54,8 @@ def settings(params: dict) -> dict:
     if cfg["schedule"] not in ("linear", "cosine"):
         raise InputError(f"train params: schedule must be linear or cosine, got {cfg['schedule']!r}")
     return {**cfg, "name": params.get("name", "method"), "method": method,
-            "_stop_after_steps": params.get("_stop_after_steps")}  # test-only: simulate a preemption
+            # test-only: simulate a preemption (raise) or wait to be killed (hang)
+            "_stop_after_steps": params.get("_stop_after_steps"), "_hang_after_steps": params.get("_hang_after_steps")}
 
 
 # --- data -------------------------------------------------------------------------------
@@ -302,6 +303,9 @@ def run(params: dict, init, tagged, selection=None, period=1, seed=0, state=None
                 save_progress(accelerator, state, {**progress, "fingerprint": fp})
             if cfg["_stop_after_steps"] and progress["step"] >= cfg["_stop_after_steps"]:
                 raise RuntimeError(f"stopped after {progress['step']} steps (_stop_after_steps)")
+            if cfg["_hang_after_steps"] and progress["step"] >= cfg["_hang_after_steps"]:
+                print(f"hanging after step {progress['step']} (_hang_after_steps)", file=sys.stderr, flush=True)
+                time.sleep(3600)
     bar.close()
 
     accelerator.wait_for_everyone()
