@@ -84,3 +84,19 @@ def test_bad_params(inputs, tmp_path):
     with pytest.raises(InputError, match="unknown key"):
         basemodel.run({"pretrain": {"stepz": 3}}, corpus=None, split=root / "split", probes=root / "probes",
                       out=tmp_path / "x")
+
+
+@pytest.mark.parametrize("teach", [False, True])
+def test_pretrained_source(inputs, tmp_path, teach):
+    """A local save_pretrained folder as the base model; teach_t0 fine-tunes it on T0."""
+    root, out = inputs
+    src, _ = load_model(out / "model")
+    params = {"source": "pretrained", "name_or_path": str(out / "model"), "teach_t0": teach,
+              "pretrain": {"steps": 3, "batch_size": 2, "lr": 1e-3, "seq_len": 16, "seed": 0}}
+    basemodel.run(params, corpus=None, split=root / "split", probes=root / "probes", out=tmp_path / "b")
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["steps"] == (3 if teach else 0)
+    assert len(pd.read_csv(tmp_path / "b" / "train_log.csv")) == metrics["steps"]
+    new, _ = load_model(tmp_path / "b" / "model")
+    same = all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), new.state_dict().values()))
+    assert same != teach
