@@ -9,7 +9,8 @@ rule evaluate:
         p=cfg("evaluate"),
     log:
         f"{R}/logs/eval/{{method}}/seed{{seed}}/P{{period}}.log",
-    threads: 2
+    # One thread per job: small models scale badly past one core, two jobs in parallel do not.
+    threads: 1
     conda:
         "../../envs/train.yaml"
     shell:
@@ -28,7 +29,8 @@ rule evaluate_base:
         p=cfg("evaluate"),
     log:
         f"{R}/logs/eval/base/P{{period}}.log",
-    threads: 2
+    # One thread per job: small models scale badly past one core, two jobs in parallel do not.
+    threads: 1
     conda:
         "../../envs/train.yaml"
     shell:

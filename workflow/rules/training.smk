@@ -16,7 +16,8 @@ rule train:
         f"{R}/logs/train/{{method}}/seed{{seed}}/P{{period}}.log",
     benchmark:
         f"{R}/benchmarks/train/{{method}}/seed{{seed}}/P{{period}}.tsv"
-    threads: 2
+    # One thread per job: small models scale badly past one core, two jobs in parallel do not.
+    threads: 1
     resources:
         gpu=1,
     conda:
