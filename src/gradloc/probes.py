@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet
+from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet, merge_defaults
 from .split import stable_unit
 from .tagging import alias_list
 
@@ -43,11 +43,7 @@ PROBE_COLUMNS = ["probe_id", "period", "set", "subject_id", "subject", "relation
 
 
 def with_defaults(params: dict | None) -> dict:
-    p = dict(DEFAULTS)
-    p.update(params or {})
-    unknown = set(p) - set(DEFAULTS)
-    if unknown:
-        raise InputError(f"probes params: unknown key(s) {sorted(unknown)}; expected {sorted(DEFAULTS)}")
+    p = merge_defaults(params, DEFAULTS, "probes params")
     return p
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from .io import InputError, atomic_output, read_json, read_table, require_columns, write_json, write_parquet
+from .io import InputError, atomic_output, read_json, read_table, require_columns, write_json, write_parquet, merge_defaults
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,7 @@ _PARAGRAPH = re.compile(r"\n\s*\n|\n")
 
 
 def with_defaults(params: dict | None) -> dict:
-    p = dict(DEFAULTS)
-    p.update(params or {})
-    unknown = set(p) - set(DEFAULTS)
-    if unknown:
-        raise InputError(f"split params: unknown key(s) {sorted(unknown)}; expected {sorted(DEFAULTS)}")
+    p = merge_defaults(params, DEFAULTS, "split params")
     if not 0 <= float(p["heldout_fraction"]) < 0.5:
         raise InputError(f"split params: heldout_fraction must be in [0, 0.5), got {p['heldout_fraction']}")
     return p

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet
+from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet, merge_defaults
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,7 @@ MENTION_COLUMNS = ["idx", "entity_id", "start", "end"]
 
 
 def with_defaults(params: dict | None) -> dict:
-    p = dict(DEFAULTS)
-    p.update(params or {})
-    unknown = set(p) - set(DEFAULTS)
-    if unknown:
-        raise InputError(f"tagging params: unknown key(s) {sorted(unknown)}; expected {sorted(DEFAULTS)}")
+    p = merge_defaults(params, DEFAULTS, "tagging params")
     return p
 
 

@@ -20,7 +20,7 @@ import logging
 import re
 from pathlib import Path
 
-from ..io import InputError, read_table
+from ..io import InputError, read_table, merge_defaults
 from . import DOC_COLUMNS, ENTITY_COLUMNS, PROBE_COLUMNS
 from .sources import Corpus, empty_triples, existing, fetch_url, frame, is_missing, is_url
 
@@ -35,11 +35,7 @@ _EX_ID = re.compile(r"^(.+)_(\d+)_(\d+)_(\d+)$")
 
 
 def with_defaults(params: dict | None) -> dict:
-    p = dict(DEFAULTS)
-    p.update(params or {})
-    unknown = sorted(set(p) - set(DEFAULTS))
-    if unknown:
-        raise InputError(f"data.ecbd: unknown key(s) {unknown}; expected {sorted(DEFAULTS)}")
+    p = merge_defaults(params, DEFAULTS, "data.ecbd")
     return p
 
 

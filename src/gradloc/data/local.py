@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..io import InputError, read_table
+from ..io import InputError, read_table, merge_defaults
 from . import DOC_COLUMNS, ENTITY_COLUMNS, TRIPLE_COLUMNS
 from .sources import (Corpus, empty, entities_from_triples, entity_like, existing, frame, is_missing,
                       parse_aliases)
@@ -27,11 +27,7 @@ DEFAULTS = {"documents": None, "text_field": "text", "time_field": "snapshot", "
 
 
 def with_defaults(params: dict | None) -> dict:
-    p = dict(DEFAULTS)
-    p.update(params or {})
-    unknown = sorted(set(p) - set(DEFAULTS))
-    if unknown:
-        raise InputError(f"data.local: unknown key(s) {unknown}; expected {sorted(DEFAULTS)}")
+    p = merge_defaults(params, DEFAULTS, "data.local")
     if p["boundaries"] is not None and (not isinstance(p["boundaries"], list) or not p["boundaries"]):
         raise InputError(f"data.local.boundaries: a non-empty list of timestamps or null, got {p['boundaries']!r}")
     return p

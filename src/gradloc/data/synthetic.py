@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ..io import InputError
+from ..io import InputError, merge_defaults
 from . import DOC_COLUMNS, ENTITY_COLUMNS, TRIPLE_COLUMNS
 
 DEFAULTS = {"seed": 0, "n_entities": 240, "n_snapshots": 3, "update_rate": 0.15,
@@ -247,11 +247,7 @@ class Entity:
 
 
 def with_defaults(params: dict | None) -> dict:
-    p = dict(DEFAULTS)
-    p.update(params or {})
-    unknown = sorted(set(p) - set(DEFAULTS))
-    if unknown:
-        raise InputError(f"data.synthetic: unknown key(s) {unknown}; expected {sorted(DEFAULTS)}")
+    p = merge_defaults(params, DEFAULTS, "data.synthetic")
     for key in ("seed", "n_entities", "n_snapshots", "docs_per_entity"):
         if isinstance(p[key], bool) or not isinstance(p[key], int):
             raise InputError(f"data.synthetic.{key}: expected an integer, got {p[key]!r}")

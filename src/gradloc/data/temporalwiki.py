@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..io import InputError
+from ..io import InputError, merge_defaults
 from . import DOC_COLUMNS, PROBE_COLUMNS, TRIPLE_COLUMNS
 from .sources import (Corpus, data_files, entities_from_triples, entity_like, existing, extract_zips,
                       frame, header, is_missing, read_rows)
@@ -47,11 +47,7 @@ _PERIOD = re.compile(r"^(\d{4})-(\d{4})$")
 
 
 def with_defaults(params: dict | None) -> dict:
-    p = dict(DEFAULTS)
-    p.update(params or {})
-    unknown = sorted(set(p) - set(DEFAULTS))
-    if unknown:
-        raise InputError(f"data.temporalwiki: unknown key(s) {unknown}; expected {sorted(DEFAULTS)}")
+    p = merge_defaults(params, DEFAULTS, "data.temporalwiki")
     if not p["periods"] or any(not isinstance(x, str) or not _PERIOD.match(x) for x in p["periods"]):
         raise InputError(f"data.temporalwiki.periods: expected a non-empty list like ['0801-0901'], got {p['periods']!r}")
     cap = p["max_docs_per_period"]
