@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .io import InputError, atomic_output, read_table, write_json, write_parquet
+from .io import InputError, atomic_output, read_table, write_json, write_parquet, merge_defaults
 from .methods import load_checkpoint
 from .models import checkpoint_dir
 from .scoring import PROBE_COLUMNS, perplexity, score_probes, summarize, text_logprob
@@ -26,11 +26,7 @@ DEFAULTS = {"batch_size": 32, "heldout_max_sequences": 200, "max_probes_per_set"
 
 
 def with_defaults(params: dict | None) -> dict:
-    params = dict(params or {})
-    unknown = set(params) - set(DEFAULTS)
-    if unknown:
-        raise InputError(f"evaluate params: unknown key(s) {sorted(unknown)}")
-    return {**DEFAULTS, **params}
+    return merge_defaults(params, DEFAULTS, "evaluate params")
 
 
 def device() -> torch.device:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import InputError, read_json, write_json
+from .io import InputError, read_json, write_json, merge_defaults
 from .models import (checkpoint_dir, classify_child, find_blocks, is_block_unit, layer_units, load_model,
                      save_model)
 
@@ -55,11 +55,7 @@ def resolve_method(method: dict | None) -> dict:
         raise InputError(f"method.layers: {method['layers']!r} is not one of {list(POLICIES)}")
     for part, defaults in PART_DEFAULTS.items():
         if part in method:
-            given = method[part] or {}
-            bad = set(given) - set(defaults)
-            if bad:
-                raise InputError(f"method.{part}: unknown key(s) {sorted(bad)}; expected {sorted(defaults)}")
-            method[part] = {**defaults, **given}
+            method[part] = merge_defaults(method[part], defaults, f"method.{part}")
     if "lora" in method and "k_adapter" in method:
         raise InputError("method: choose one adapter, lora or k_adapter")
     if "k_adapter" in method and method["layers"] != "all":

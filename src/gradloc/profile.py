@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .io import InputError, atomic_output, read_table, write_parquet
+from .io import InputError, atomic_output, read_table, write_parquet, merge_defaults
 from .models import checkpoint_dir, layer_units, load_model, n_blocks, unit_layer
 from .scoring import pad_batch
 
@@ -308,11 +308,7 @@ def per_example_grad_norms(model: nn.Module, input_ids: torch.Tensor, attention_
 
 
 def with_defaults(params: dict | None) -> dict:
-    params = dict(params or {})
-    unknown = set(params) - set(DEFAULTS)
-    if unknown:
-        raise InputError(f"profile params: unknown key(s) {sorted(unknown)}")
-    params = {**DEFAULTS, **params}
+    params = merge_defaults(params, DEFAULTS, "profile params")
     if params["source"] not in ("diff", "probes"):
         raise InputError(f"profile params: source must be 'diff' or 'probes', got {params['source']!r}")
     return params

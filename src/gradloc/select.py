@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .io import InputError, atomic_output, read_table, write_json
+from .io import InputError, atomic_output, read_table, write_json, merge_defaults
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,7 @@ CHOICES = {"granularity": ("block", "module"), "rule": ("mean", "topk"), "combin
 
 
 def with_defaults(params: dict | None) -> dict:
-    params = dict(params or {})
-    unknown = set(params) - set(DEFAULTS)
-    if unknown:
-        raise InputError(f"select params: unknown key(s) {sorted(unknown)}")
-    params = {**DEFAULTS, **params}
+    params = merge_defaults(params, DEFAULTS, "select params")
     for key, allowed in CHOICES.items():
         if params[key] not in allowed:
             raise InputError(f"select params: {key} must be one of {allowed}, got {params[key]!r}")

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from . import methods
-from .io import InputError, atomic_output, read_json, require_columns, write_json
+from .io import InputError, atomic_output, read_json, require_columns, write_json, merge_defaults
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,8 @@ def settings(params: dict) -> dict:
     if unknown:
         raise InputError(f"train params: unknown top-level key(s) {sorted(unknown)}; expected name, common, method")
     common = {k: v for k, v in (params.get("common") or {}).items() if k not in ("methods", "seeds")}
-    unknown = set(common) - set(DEFAULTS)
-    if unknown:
-        raise InputError(f"train params: unknown key(s) {sorted(unknown)}; expected {sorted(DEFAULTS)}")
     method = methods.resolve_method(params.get("method"))
-    cfg = {**DEFAULTS, **common, **{k: method[k] for k in ("lr", "epochs") if k in method}}
+    cfg = {**merge_defaults(common, DEFAULTS, "train params"), **{k: method[k] for k in ("lr", "epochs") if k in method}}
     if cfg["schedule"] not in ("linear", "cosine"):
         raise InputError(f"train params: schedule must be linear or cosine, got {cfg['schedule']!r}")
     return {**cfg, "name": params.get("name", "method"), "method": method,
