@@ -89,6 +89,17 @@ def test_filters_can_be_switched_off(tmp_path):
     assert ("bo", "motto", "Veni") in facts(df, 1, "outdated")
 
 
+def test_statements_seen_verbatim_are_dropped(tmp_path):
+    # Bob's text says "Bob city Rome" word for word: that probe would test recall of a
+    # sentence, not knowledge. Only that fact goes, in every period whose text holds it.
+    docs = [(d, k, t, x + (" Bob city Rome." if d == "bo" else "")) for d, k, t, x in DOCS]
+    df = run_probes(tmp_path, NO_CAPS, docs=docs)
+    assert facts(df, 0, "unchanged") == [("al", "city", "Paris"), ("al", "employer", "Acme"), ("bo", "motto", "Veni")]
+    assert facts(df, 1, "unchanged") == [("al", "city", "Paris")]
+    kept = run_probes(tmp_path / "off", {**NO_CAPS, "drop_seen_statements": False}, docs=docs)
+    assert ("bo", "city", "Rome") in facts(kept, 1, "unchanged")
+
+
 def test_outdated_object_must_be_in_the_old_article(tmp_path):
     docs = [d if (d[0], d[1]) != ("al", 0) else ("al", 0, "Alice", "Alice lives in Paris.") for d in DOCS]
     df = run_probes(tmp_path, NO_CAPS, docs=docs)
@@ -197,10 +208,16 @@ def test_synthetic_probes(tmp_path):
     sizes = df.groupby(["period", "set"]).size()
     for k in (1, 2):
         for name in probes.SETS:
-            assert sizes[k, name] >= 30, (k, name, sizes[k, name])
-    # Probes use the generator's phrasing, which no document uses.
+            # Half of the entities are probe-worded and never probed: ~25 updated facts
+            # per period are left (2 seeds x 2 periods in the default run).
+            assert sizes[k, name] >= 20, (k, name, sizes[k, name])
+    # Probes use the generator's phrasing, which no document of a probed subject uses:
+    # the probe-worded entities (those with an infobox) are never probed.
     assert (df["prefix"] == [probe_prefix(s, r) for s, r in zip(df["subject"], df["relation"])]).all()
-    all_text = "\n".join(world["documents"]["text"])
+    docs = world["documents"]
+    worded = set(docs.loc[docs["doc_id"].str.endswith("_facts"), "doc_id"].str.rsplit("_", n=1).str[0])
+    assert worded and not set(df["subject_id"]) & worded
+    all_text = "\n".join(docs["text"])
     assert not any(p in all_text for p in df["prefix"].drop_duplicates().head(200))
     # Each outdated probe is the fact its updated probe replaced: same prefix, the old object.
     tri = world["triples"]

@@ -1,7 +1,7 @@
 """The synthetic temporal world: determinism, the promised rates of new and updated
 entities, articles that change only where facts change, objects inside the subject's
 article, exact mention ground truth, names that make tagging well-defined, and probe
-phrasings no document uses."""
+phrasings no article uses (only the infoboxes of the probe-worded entities)."""
 
 import re
 
@@ -161,20 +161,29 @@ def test_new_entities_turn_up_in_articles_of_known_entities(world):
     assert ((m["entity_id"].isin(new)) & (subject_of_doc.isin(set(before)))).any()
 
 
-def test_probe_phrasings_are_not_in_any_document(world):
+def worded_ids(docs):
+    return set(docs.loc[docs["doc_id"].str.endswith("_facts"), "doc_id"].str.rsplit("_", n=1).str[0])
+
+
+def test_probe_phrasings_are_only_in_the_infoboxes_of_probe_worded_entities(world):
     docs, triples = world["documents"], world["triples"]
     doc_templates = {t for ts in synthetic.DOC_TEMPLATES.values() for t in ts}
     doc_templates |= set(synthetic.HISTORY_TEMPLATES.values())
     for relation, templates in synthetic.PROBE_TEMPLATES.items():
         assert relation in synthetic.RELATIONS
         assert len(templates) >= 2 and not set(templates) & doc_templates
+    worded = worded_ids(docs)
+    is_box = docs["doc_id"].str.endswith("_facts")
+    articles = "\n".join(docs.loc[~is_box, "text"]).lower()
     corpus = "\n".join(docs["text"]).lower()
     t0 = triples[triples["snapshot"] == 0]
-    for subject, relation in zip(t0["subject"], t0["relation"]):
+    for sid, subject, relation, obj in zip(t0["subject_id"], t0["subject"], t0["relation"], t0["object"]):
         for variant in range(2):
             prefix = synthetic.probe_prefix(subject, relation, variant)
             assert subject in prefix and not prefix.endswith(" ")
-            assert prefix.lower() not in corpus, prefix
+            assert prefix.lower() not in articles, prefix
+            # Worded entities state every fact in both probe wordings; the others nowhere.
+            assert (f"{prefix} {obj}.".lower() in corpus) == (sid in worded), (sid, prefix)
     assert synthetic.probe_prefix("Mara Keller", "employer") == "The employer of Mara Keller is"
     # The document-phrased prefix, by contrast, is training text.
     assert synthetic.document_prefix("Mara Keller", "employer") == "Mara Keller's employer is"
@@ -183,6 +192,27 @@ def test_probe_phrasings_are_not_in_any_document(world):
     assert 0.3 < sum(hits) / len(hits) < 0.9
     with pytest.raises(InputError, match="unknown relation"):
         synthetic.probe_prefix("Mara Keller", "favourite colour")
+
+
+def test_probe_worded_share_picks_half_of_each_snapshots_entities_and_changes_nothing_else(world):
+    docs, ent = world["documents"], world["entities"]
+    worded = worded_ids(docs)
+    first_seen = world["triples"].groupby("subject_id")["snapshot"].min()
+    born = first_seen.groupby(first_seen).apply(lambda s: set(s.index))
+    for k, ids in born.items():
+        assert len(ids & worded) == round(0.5 * len(ids)), k
+    # An infobox exists in every snapshot from the entity's first one on, and sits after
+    # all articles of its snapshot.
+    for k, g in docs.groupby("snapshot"):
+        is_box = g["doc_id"].str.endswith("_facts").tolist()
+        assert is_box == sorted(is_box)
+        assert worded_ids(g) == {e for e in worded if first_seen[e] <= k}
+    # Share 0: the same world without infoboxes; share 1: every entity worded.
+    plain = synthetic.generate({**SMALL, "probe_worded_share": 0.0})
+    assert plain["triples"].equals(world["triples"]) and plain["entities"].equals(ent)
+    articles = docs[~docs["doc_id"].str.endswith("_facts")].reset_index(drop=True)
+    assert plain["documents"].equals(articles)
+    assert worded_ids(synthetic.generate({**SMALL, "probe_worded_share": 1.0})["documents"]) == set(ent["entity_id"])
 
 
 def test_every_kind_has_its_relations_and_tables_have_the_documented_columns(world):
@@ -202,6 +232,7 @@ def test_every_kind_has_its_relations_and_tables_have_the_documented_columns(wor
     ({"n_entities": 3}, "n_entities"),
     ({"n_snapshots": 1}, "n_snapshots"),
     ({"update_rate": 1.5}, "update_rate"),
+    ({"probe_worded_share": -0.1}, "probe_worded_share"),
     ({"colour": "red"}, "unknown key"),
 ])
 def test_bad_params_are_input_errors(params, message):
@@ -212,4 +243,4 @@ def test_bad_params_are_input_errors(params, message):
 def test_default_world_is_quick_and_has_the_configured_size():
     w = synthetic.generate({})
     assert len(w["entities"]) == 240 + 2 * round(0.12 * 240)
-    assert len(w["documents"][w["documents"]["snapshot"] == 0]) == 240 * 2
+    assert len(w["documents"][w["documents"]["snapshot"] == 0]) == 240 * 2 + 120  # articles, infoboxes

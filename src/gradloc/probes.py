@@ -13,7 +13,10 @@ are dropped, and one subject / one relation may fill at most `subject_cap` /
 size after the other filters: on small sets with few relations a 5% relation cap binds
 hard (10 relations x 5% keep half of the set at most), so small worlds should raise the
 caps or set `apply_caps: false`. The object-in-text filter is skipped (with a warning)
-for a snapshot that has no subject article at all.
+for a snapshot that has no subject article at all. One filter of our own
+(`drop_seen_statements`): a probe whose whole statement occurs in its subject's text
+would test verbatim recall, not knowledge, and is dropped; in the synthetic world this
+removes exactly the probe-worded entities (see `gradloc.data.synthetic`).
 
 Sources that ship probes (`probes_raw.parquet`: TemporalWiki, ECBD) give the sets of the
 periods they cover as they are, minus over-long objects; `outdated` comes only from
@@ -36,7 +39,7 @@ from .tagging import alias_list
 log = logging.getLogger(__name__)
 
 DEFAULTS = {"max_object_words": 5, "subject_cap": 0.01, "relation_cap": 0.05, "apply_caps": True,
-            "require_object_in_text": True, "max_per_set": None, "seed": 0}
+            "require_object_in_text": True, "drop_seen_statements": True, "max_per_set": None, "seed": 0}
 SETS = ("unchanged", "updated", "new", "outdated")
 FACT_COLUMNS = ["subject_id", "subject", "relation", "object"]
 PROBE_COLUMNS = ["probe_id", "period", "set", "subject_id", "subject", "relation", "object", "prefix", "statement"]
@@ -135,16 +138,26 @@ def cap(facts: pd.DataFrame, subject_cap: float, relation_cap: float, seed: int,
     return facts.iloc[sorted(keep)].reset_index(drop=True)
 
 
+def statement_in_text(facts: pd.DataFrame, articles: dict[str, str], prefix_fn) -> pd.Series:
+    """True where the probe's statement (prefix, space, object) occurs in the subject's article."""
+    return pd.Series([f"{prefix_fn(n, r)} {o}" in articles.get(s, "")
+                      for s, n, r, o in zip(facts["subject_id"], facts["subject"], facts["relation"], facts["object"])],
+                     index=facts.index, dtype=bool)
+
+
 def filter_period(sets: dict[str, pd.DataFrame], articles_now: dict, articles_before: dict,
-                  p: dict, period: int) -> dict[str, pd.DataFrame]:
+                  p: dict, period: int, prefix_fn=None) -> dict[str, pd.DataFrame]:
     """Apply every filter to one period's candidate sets; outdated follows the kept
-    updated facts, checked against the k-1 article."""
+    updated facts, checked against the k-1 article. `prefix_fn` (the probes' wording)
+    is needed for `drop_seen_statements`."""
     out = {}
     for name in ("unchanged", "updated", "new"):
         f = sets.get(name, pd.DataFrame(columns=FACT_COLUMNS))
         f = f[short_object(f, int(p["max_object_words"]))]
         if p["require_object_in_text"] and _has_articles(articles_now, period, period):
             f = f[object_in_text(f, articles_now)]
+        if p["drop_seen_statements"] and prefix_fn is not None and len(f):
+            f = f[~statement_in_text(f, articles_now, prefix_fn)]
         out[name] = cap(f.reset_index(drop=True), float(p["subject_cap"]), float(p["relation_cap"]),
                         int(p["seed"]), f"{period}|{name}", bool(p["apply_caps"]), p["max_per_set"])
     if "outdated" in sets:
@@ -233,7 +246,7 @@ def build_probes(p: dict, periods: list[int], triples: pd.DataFrame, articles: d
             # "relations" are span types, where a relation cap means nothing), and later
             # articles may exist only as diffs: only the word limit and max_per_set apply.
             sets = raw_sets(raw, entities, k, raw_path)
-            q = {**p, "require_object_in_text": False, "apply_caps": False}
+            q = {**p, "require_object_in_text": False, "apply_caps": False, "drop_seen_statements": False}
         elif k == 0:
             sets = {"unchanged": _facts(triples, 0)}
             q = p
@@ -241,7 +254,7 @@ def build_probes(p: dict, periods: list[int], triples: pd.DataFrame, articles: d
             sets = fact_sets(triples, k)
             q = p
         n_candidates = sum(len(f) for f in sets.values())
-        kept = filter_period(sets, articles.get(k, {}), articles.get(k - 1, {}), q, k)
+        kept = filter_period(sets, articles.get(k, {}), articles.get(k - 1, {}), q, k, prefix_fn)
         n_kept = sum(len(f) for f in kept.values())
         log.info("probes: P%d %s", k, ", ".join(f"{s}={len(kept.get(s, []))}/{len(sets.get(s, []))}"
                                                for s in SETS))

@@ -13,8 +13,18 @@ Rules that keep that ground truth exact:
 - an article is a function of its entity's facts only: unchanged entities render
   byte-identical text in every snapshot, an updated one differs only in the sentences
   about the changed facts plus an appended "In 2019, ..." sentence;
-- every object string appears literally in its subject's article; probes use phrasings
-  (`PROBE_TEMPLATES`, `probe_prefix`) that no document uses.
+- every object string appears literally in its subject's article.
+
+Probes use phrasings (`PROBE_TEMPLATES`, `probe_prefix`) that no article uses. A small
+model trained from scratch memorises facts in the wording it read but cannot answer
+them in a wording it never saw (our 1.4M-parameter default: about 70% top-1 in document
+wording, 5% in probe wording). So the world follows Allen-Zhu & Li's "mixed training"
+(Physics of Language Models 3.1): a seeded share of the entities (`probe_worded_share`)
+also gets an infobox document (`<id>_facts`) that states each of its facts in probe
+wording, placed after all articles of the snapshot. The model learns how probe
+questions map to stored facts from those entities; probes are only made for the others
+(`gradloc probes` drops every probe whose statement occurs in its subject's text), so
+the probed facts are never seen in the probe's wording.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from ..io import InputError, merge_defaults
 from . import DOC_COLUMNS, ENTITY_COLUMNS, TRIPLE_COLUMNS
 
 DEFAULTS = {"seed": 0, "n_entities": 240, "n_snapshots": 3, "update_rate": 0.15,
-            "new_rate": 0.12, "docs_per_entity": 2}
+            "new_rate": 0.12, "docs_per_entity": 2, "probe_worded_share": 0.5}
 MIN_ENTITIES = 8
 BASE_YEAR = 2018  # the year of T0; snapshot k is BASE_YEAR + k
 
@@ -244,6 +254,7 @@ class Entity:
     # per variant: [(relation, template index, subject by alias?)] in article order
     style: list[list[tuple[str, int, bool]]] = field(default_factory=list)
     history: list[tuple[int, str, str, str | None]] = field(default_factory=list)  # (snapshot, relation, object, id)
+    probe_worded: bool = False  # has an infobox in probe wording (mixed training)
 
 
 def with_defaults(params: dict | None) -> dict:
@@ -251,7 +262,7 @@ def with_defaults(params: dict | None) -> dict:
     for key in ("seed", "n_entities", "n_snapshots", "docs_per_entity"):
         if isinstance(p[key], bool) or not isinstance(p[key], int):
             raise InputError(f"data.synthetic.{key}: expected an integer, got {p[key]!r}")
-    for key in ("update_rate", "new_rate"):
+    for key in ("update_rate", "new_rate", "probe_worded_share"):
         if not isinstance(p[key], (int, float)) or not 0 <= p[key] <= 1:
             raise InputError(f"data.synthetic.{key}: expected a number in [0, 1], got {p[key]!r}")
     if p["n_entities"] < MIN_ENTITIES:
@@ -410,9 +421,32 @@ def render(e: Entity, variant: int) -> tuple[str, list[tuple[str, int, int]]]:
     return text, spans
 
 
+# Which probe templates an infobox uses: probes ask in template 0; template 1 adds a
+# second wording of the same question.
+INFOBOX_TEMPLATES = (0, 1)
+
+
+def render_infobox(e: Entity) -> tuple[str, list[tuple[str, int, int]]]:
+    """The entity's current facts, one line per fact and probe template, in probe
+    wording ("The employer of Mara Keller is Vestler Software Group."). Lines, not a
+    running text: a probe starts a sequence ("The" right after <|endoftext|>), and a
+    byte-level BPE tokenizes "The" at a line start the same way, " The" differently."""
+    text, spans = "", []
+    for relation in SCHEMA[e.kind]:
+        obj, oid = e.facts[relation]
+        for v in INFOBOX_TEMPLATES:
+            template = PROBE_TEMPLATES[relation][v % len(PROBE_TEMPLATES[relation])] + " {o}."
+            sentence, s_spans = _fill(template, {"s": (e.name, e.id), "o": (obj, oid)})
+            offset = len(text) + (1 if text else 0)
+            text = f"{text}\n{sentence}" if text else sentence
+            spans.extend((eid, a + offset, b + offset) for eid, a, b in s_spans)
+    return text, spans
+
+
 def probe_prefix(subject: str, relation: str, variant: int = 0) -> str:
     """The cloze prefix of a probe about (subject, relation); the object follows after
-    one space. Its wording appears in no document."""
+    one space. Its wording appears in no article, only in the infoboxes of the
+    probe-worded entities, which are never probed."""
     try:
         templates = PROBE_TEMPLATES[relation]
     except KeyError:
@@ -439,6 +473,9 @@ def generate(params: dict | None = None) -> dict[str, pd.DataFrame]:
     and the hidden ground truth `mentions` (doc_id, snapshot, entity_id, start, end)."""
     p = with_defaults(params)
     world = World(p)
+    # A separate generator picks the probe-worded entities, so the share changes nothing
+    # else in the world.
+    worded_rng = random.Random(p["seed"] * 1_000_003 + 17)
     n_new = _round(p["new_rate"] * p["n_entities"])
     docs, triples, mentions = [], [], []
     for k in range(p["n_snapshots"]):
@@ -449,6 +486,8 @@ def generate(params: dict | None = None) -> dict[str, pd.DataFrame]:
             known = list(world.entities)
             born = world.add_entities(n_new)
             world.new_ids = {e.id for e in born}
+        for e in worded_rng.sample(born, _round(p["probe_worded_share"] * len(born))):
+            e.probe_worded = True
         # New entities get their facts first, so updates may point at them (a new CEO).
         for e in born:
             world.fill_facts(e, k)
@@ -463,6 +502,14 @@ def generate(params: dict | None = None) -> dict[str, pd.DataFrame]:
             for j in range(p["docs_per_entity"]):
                 text, spans = render(e, j)
                 doc_id = f"{e.id}_{j}"
+                docs.append((doc_id, k, e.name, text, "full"))
+                mentions.extend((doc_id, k, eid, a, b) for eid, a, b in spans)
+        # Infoboxes after all articles: a training window rarely holds an entity's
+        # article and its infobox together, so answering has to come from memory.
+        for e in world.entities:
+            if e.probe_worded:
+                text, spans = render_infobox(e)
+                doc_id = f"{e.id}_facts"
                 docs.append((doc_id, k, e.name, text, "full"))
                 mentions.extend((doc_id, k, eid, a, b) for eid, a, b in spans)
     entities = [(e.id, e.name, list(e.aliases), e.kind) for e in world.entities]
