@@ -308,8 +308,11 @@ def run(params: dict, init, tagged, selection=None, period=1, seed=0, state=None
     accelerator.wait_for_everyone()
     metrics = {}
     if accelerator.is_main_process:
+        run_info = {"device": str(accelerator.device), "processes": accelerator.num_processes,
+                    "mixed_precision": accelerator.mixed_precision}
         metrics = write_outputs(accelerator.unwrap_model(model), tokenizer, optimizer, prepared, cfg, progress,
-                                total_steps, n_diff=len(diff["input_ids"]), out=out, period=period, seed=seed)
+                                total_steps, n_diff=len(diff["input_ids"]), out=out, period=period, seed=seed,
+                                run_info=run_info)
     accelerator.wait_for_everyone()
     if state and accelerator.is_main_process:
         shutil.rmtree(state, ignore_errors=True)  # finished: the resumable state is spent
@@ -321,7 +324,8 @@ def optimizer_state_bytes(optimizer) -> int:
                if torch.is_tensor(v))
 
 
-def write_outputs(model, tokenizer, optimizer, prepared, cfg, progress, total_steps, n_diff, out, period, seed):
+def write_outputs(model, tokenizer, optimizer, prepared, cfg, progress, total_steps, n_diff, out, period, seed,
+                  run_info=None):
     params = {id(p): p for p in model.parameters()}.values()
     metrics = {
         "method": cfg["name"], "method_config": cfg["method"], "period": period, "seed": seed,
@@ -333,6 +337,7 @@ def write_outputs(model, tokenizer, optimizer, prepared, cfg, progress, total_st
         "blocks_per_epoch": epoch_size(cfg, n_diff), "tokens": progress["tokens"],
         "wall_time_s": round(progress["elapsed"], 3),
         "final_loss": progress["log"][-1]["loss"] if progress["log"] else None,
+        **(run_info or {}),  # device, processes, mixed_precision
     }
     with atomic_output(out) as tmp:
         methods.save_checkpoint(model, tokenizer, tmp / "model")
