@@ -112,27 +112,31 @@ def test_table_numbers_by_hand(inputs):
     assert full1["n_seeds"] == 2
     assert full1["new_object_ppl_mean"] == pytest.approx(52.0)
     assert full1["new_object_ppl_std"] == pytest.approx(math.sqrt(8))  # (50, 54): sample std
-    assert full1["uptake_new_mean"] == pytest.approx(80 - 52)
-    assert full1["uptake_new_std"] == pytest.approx(math.sqrt(8))
-    assert full1["uptake_updated_mean"] == pytest.approx(40 - 31)
-    assert full1["uptake_mean"] == pytest.approx((28 + 9) / 2)
-    assert full1["forgetting_mean"] == pytest.approx(13 - 10)  # positive: forgot
-    assert full1["forgetting_std"] == pytest.approx(math.sqrt(2))
+    # Perplexities: ln(base) - ln(method), per seed, then mean and sample std over seeds.
+    ln = math.log
+    assert full1["uptake_new_mean"] == pytest.approx(ln(80) - (ln(50) + ln(54)) / 2)
+    assert full1["uptake_new_std"] == pytest.approx((ln(54) - ln(50)) / math.sqrt(2))
+    assert full1["uptake_updated_mean"] == pytest.approx(ln(40) - (ln(30) + ln(32)) / 2)
+    assert full1["uptake_mean"] == pytest.approx((full1["uptake_new_mean"] + full1["uptake_updated_mean"]) / 2)
+    assert full1["forgetting_mean"] == pytest.approx((ln(12) + ln(14)) / 2 - ln(10))  # positive: forgot
+    assert full1["forgetting_std"] == pytest.approx((ln(14) - ln(12)) / math.sqrt(2))
     assert full1["top1_gain_new_mean"] == pytest.approx(0.3)
     assert full1["top1_forgetting_mean"] == pytest.approx(0.0)
     assert full1["heldout_ppl_mean"] == pytest.approx(28.5)
     assert full1["trainable_params_mean"] == 4000 and full1["wall_time_s_mean"] == pytest.approx(2.5)
 
     combo2 = row(table, "tgl_fp+mix_review", 2)
-    assert combo2["forgetting_mean"] == pytest.approx(0.5)
+    assert combo2["forgetting_mean"] == pytest.approx(ln(11.5) - ln(11))
     assert combo2["forgetting_std"] == pytest.approx(0.0)
-    assert combo2["uptake_new_mean"] == pytest.approx(90 - 71)
+    assert combo2["uptake_new_mean"] == pytest.approx(ln(90) - (ln(70) + ln(72)) / 2)
 
     # Averages over periods: per seed over periods, then over seeds.
     full_all = row(table, "full", "all")
-    assert full_all["uptake_new_mean"] == pytest.approx(((30 + 30) / 2 + (26 + 26) / 2) / 2)
-    assert full_all["forgetting_mean"] == pytest.approx(((2 + 2) / 2 + (4 + 4) / 2) / 2)
-    assert full_all["forgetting_std"] == pytest.approx(math.sqrt(2))
+    seed0 = ((ln(80) - ln(50)) + (ln(90) - ln(60))) / 2, ((ln(12) - ln(10)) + (ln(13) - ln(11))) / 2
+    seed1 = ((ln(80) - ln(54)) + (ln(90) - ln(64))) / 2, ((ln(14) - ln(10)) + (ln(15) - ln(11))) / 2
+    assert full_all["uptake_new_mean"] == pytest.approx((seed0[0] + seed1[0]) / 2)
+    assert full_all["forgetting_mean"] == pytest.approx((seed0[1] + seed1[1]) / 2)
+    assert full_all["forgetting_std"] == pytest.approx(abs(seed1[1] - seed0[1]) / math.sqrt(2))
 
     base1 = row(table, "base", 1)
     assert base1["unchanged_object_ppl_mean"] == 10.0 and base1["uptake_mean"] == 0.0
@@ -154,8 +158,10 @@ def test_markdown_and_figures(inputs):
         assert f"| {name} |" in md
     for s in SETS:
         assert f"{s} object_ppl" in md and f"{s} top1" in md
-    assert "uptake" in md and "forgetting" in md and "base − method object_ppl" in md
-    assert "**28.000 ± 2.828**" in md  # full's uptake on new in period 1, the best
+    assert "uptake" in md and "forgetting" in md and "ln(base object_ppl) − ln(method object_ppl)" in md
+    ln = math.log
+    up, sd = ln(80) - (ln(50) + ln(54)) / 2, (ln(54) - ln(50)) / math.sqrt(2)
+    assert f"**{up:.3f} ± {sd:.3f}**" in md  # full's uptake on new in period 1, the best
     assert "t0_top1 = 0.420" in md  # base model context
     assert "| full | 1 | 2 | 4,000 ± 0 | 2.500 ± 0.707 |" in md  # training cost
     for fig in ("heatmap", "tradeoff", "curves"):
@@ -230,6 +236,6 @@ def test_missing_set_and_nan_stay_empty(inputs):
     table = run_report(inputs)
     full1 = row(table, "full", 1)
     assert math.isnan(full1["outdated_object_ppl_mean"]) and math.isnan(full1["heldout_ppl_mean"])
-    assert full1["uptake_new_mean"] == pytest.approx(28.0)
+    assert full1["uptake_new_mean"] == pytest.approx(math.log(80) - (math.log(50) + math.log(54)) / 2)
     md = open(f"{inputs['out']}/table.md").read()
     assert "| full | 1 | 2 | 13.000 ± 1.414 | 31.000 ± 1.414 | 52.000 ± 2.828 | – |" in md.replace("**", "")

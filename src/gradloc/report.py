@@ -5,9 +5,11 @@ Definitions (also written into table.md):
 - Each eval folder gives, per probe set, the primary metric (object_ppl by default) and
   top1; numbers are mean +- sample std (ddof 1) over seeds, n = number of seeds.
 - uptake on new/updated: improvement over the base model on the same period's probes,
-  base - method for perplexities, method - base for top1 (positive = learned).
-- forgetting: worsening on unchanged probes relative to the base model, method - base for
-  perplexities, base - method for top1 (positive = forgot).
+  ln(base) - ln(method) for perplexities (the drop in mean negative log-likelihood per
+  token, in nats: a base model at ppl 10^6 makes raw differences meaningless), method -
+  base for top1 (positive = learned).
+- forgetting: worsening on unchanged probes relative to the base model, ln(method) -
+  ln(base) for perplexities, base - method for top1 (positive = forgot).
 Derived numbers are computed per seed and then averaged, so their std is the seed spread.
 """
 
@@ -148,8 +150,9 @@ def is_ppl(metric: str) -> bool:
 
 
 def gain(metric: str, base, method):
-    """Improvement of `method` over `base`: lower is better for perplexities."""
-    return base - method if is_ppl(metric) else method - base
+    """Improvement of `method` over `base`: for perplexities the drop in mean NLL per
+    token, ln(base) - ln(method) nats; for accuracies the difference."""
+    return np.log(base) - np.log(method) if is_ppl(metric) else method - base
 
 
 def value_columns(primary: str) -> list[str]:
@@ -291,8 +294,8 @@ def md_table(table: pd.DataFrame, columns: list[tuple[str, str]]) -> list[str]:
 def definitions(primary: str) -> list[str]:
     """The header text of table.md: what every number means."""
     lower = is_ppl(primary)
-    up = f"base − method {primary}" if lower else f"method − base {primary}"
-    forget = f"method − base {primary}" if lower else f"base − method {primary}"
+    up = f"ln(base {primary}) − ln(method {primary}), in nats per token" if lower else f"method − base {primary}"
+    forget = f"ln(method {primary}) − ln(base {primary})" if lower else f"base − method {primary}"
     lines = [
         f"Primary metric: `{primary}` ({'lower' if lower else 'higher'} is better). Every cell is the mean ± sample "
         "standard deviation (ddof 1) over training seeds; `n` is the number of seeds (no ± with one seed). "
@@ -432,8 +435,10 @@ def plot_tradeoff(table: pd.DataFrame, order: list[str], primary: str, path: Pat
     for p in periods:
         ax.plot([], [], color="0.4", marker=MARKERS[periods.index(p) % len(MARKERS)], ls="none", label=f"period {p}")
     lower = is_ppl(primary)
-    ax.set_xlabel(f"forgetting on unchanged ({'method − base' if lower else 'base − method'} {primary}; ← better)")
-    ax.set_ylabel(f"uptake on new+updated ({'base − method' if lower else 'method − base'} {primary}; ↑ better)")
+    ax.set_xlabel(f"forgetting on unchanged ({'ln method − ln base' if lower else 'base − method'} {primary}; "
+                  "← better)")
+    ax.set_ylabel(f"uptake on new+updated ({'ln base − ln method' if lower else 'method − base'} {primary}; "
+                  "↑ better)")
     ax.set_title("Uptake vs forgetting (error bars: std over seeds)")
     ax.legend(fontsize=7, loc="best", ncol=2)
     fig.tight_layout()
