@@ -4,8 +4,10 @@ No timing is asserted: times on a shared machine say nothing."""
 
 import csv
 import importlib.util
+import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,21 @@ def test_timing_shim_records_a_stage_process(bench, tmp_path):
     (job,) = bench.read_job_log(log)
     assert job["stage"] == "select" and job["rc"] == 2
     assert job["start"] <= job["imported"] <= job["end"] <= job["exit"]
+
+
+def test_base_model_sweep_runs_one_tiny_setting(tmp_path):
+    grid = tmp_path / "grid.json"
+    grid.write_text('[{"steps": 3, "dpe": 1, "arch": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 128}}]')
+    out = tmp_path / "sweep.jsonl"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "base_model_sweep.py"), str(grid), "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(out.read_text())
+    # The held-out probes are those `gradloc probes` makes for T0 (the unworded half).
+    assert row["steps"] == 3 and row["device"] == "cpu" and 300 < row["n_held"] < 600
+    assert {"held", "docwording", "worded"} <= set(row) and all(0 <= row[k] <= 1 for k in ("held", "docwording", "worded"))
+    # The recorded sweep covers the default config's setting.
+    rows = [json.loads(line) for line in (ROOT / "benchmarks" / "base_model_sweep.jsonl").read_text().splitlines()]
+    default = [x for x in rows if x["steps"] == 1200 and x["dpe"] == 3 and "arch" not in x and "lr" not in x
+               and "bs" not in x]
+    assert default and all(x["held"] > 0.5 for x in default)
