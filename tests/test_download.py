@@ -350,7 +350,9 @@ def test_cli_download_and_error_exit(tmp_path, capsys):
     params = json.dumps({"source": "synthetic", "synthetic": {"n_entities": 20, "docs_per_entity": 1}})
     assert cli.main(["download", "--params", params, "--out", str(out)]) == 0
     t, m = read(out)
-    assert m["source"] == "synthetic" and len(t["documents"]) == 20 + 22 + 24
+    # One article per entity and snapshot (20, 22, 24 entities), plus the infoboxes of
+    # the probe-worded half (10 of T0's entities, 1 of each period's 2 new ones).
+    assert m["source"] == "synthetic" and len(t["documents"]) == (20 + 22 + 24) + (10 + 11 + 12)
     assert cli.main(["download", "--params", '{"source": "nope"}', "--out", str(tmp_path / "c2")]) == 2
     assert "unknown source" in capsys.readouterr().err
     assert_nothing_left(tmp_path, "c2")
