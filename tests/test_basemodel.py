@@ -100,3 +100,80 @@ def test_pretrained_source(inputs, tmp_path, teach):
     new, _ = load_model(tmp_path / "b" / "model")
     same = all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), new.state_dict().values()))
     assert same != teach
+
+
+def write_gguf(model, tokenizer, path, quantize=False):
+    """A GPT-2 as llama.cpp's converter writes it (`gguf` library): llama.cpp tensor
+    names, Conv1D weights transposed to Linear layout, the byte-level BPE in the header;
+    F32, or with the weight matrices in Q8_0 blocks (`quantize`)."""
+    import gguf
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_block_count(cfg.n_layer)
+    w.add_context_length(cfg.n_positions)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(4 * cfg.n_embd)
+    w.add_head_count(cfg.n_head)
+    w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = tokenizer.backend_tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_token_types([3 if t == basemodel.EOS else 1 for t in tokens])  # 3: control
+    w.add_bos_token_id(tokenizer.bos_token_id)
+    w.add_eos_token_id(tokenizer.eos_token_id)
+    top = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+           "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
+           "lm_head.weight": "output.weight"}
+    part = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+            "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    for name, t in model.state_dict().items():
+        if name in top:
+            gname = top[name]
+        else:
+            layer, rest = name[len("transformer.h."):].split(".", 1)
+            module, kind = rest.rsplit(".", 1)
+            gname = f"blk.{layer}.{part[module]}.{kind}"
+            if kind == "weight" and module != "ln_1" and module != "ln_2":
+                t = t.T
+        data = t.float().contiguous().numpy()
+        if quantize and data.ndim == 2 and gname != "position_embd.weight":
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(gname, gguf.quants.quantize(data, q8), raw_dtype=q8)
+        else:
+            w.add_tensor(gname, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("quantize, atol", [(False, 1e-5), (True, 0.1)])  # atol: share of max |logit|
+def test_gguf_source(inputs, tmp_path, quantize, atol):
+    """A local GGUF file (F32 or Q8_0) as the base model: the same tokens, and the logits
+    of the model it came from (up to Q8_0's rounding); it saves as a plain checkpoint."""
+    root, out = inputs
+    # transformers reads a GPT-2 GGUF's context length into n_ctx, not n_positions, so
+    # only the GPT-2 default of 1024 positions round-trips.
+    texts = [t for t in pd.read_parquet(root / "split" / "sequences.parquet")["text"]]
+    arch = {**PARAMS["architecture"], "n_positions": 1024}
+    src, tok, _ = basemodel.build_base_model({**PARAMS, "architecture": arch,
+                                              "pretrain": {**PARAMS["pretrain"], "steps": 5}}, texts)
+    (tmp_path / "g").mkdir()
+    write_gguf(src, tok, tmp_path / "g" / "tiny.gguf", quantize)
+    write_gguf(src, tok, tmp_path / "f32.gguf")
+    ratio = (tmp_path / "g" / "tiny.gguf").stat().st_size / (tmp_path / "f32.gguf").stat().st_size
+    assert ratio < 0.8 if quantize else ratio == 1
+    params = {"source": "gguf", "name_or_path": str(tmp_path / "g"), "gguf_file": "tiny.gguf"}
+    basemodel.run(params, corpus=None, split=root / "split", probes=root / "probes", out=tmp_path / "b")
+    model, tokenizer = load_model(tmp_path / "b" / "model")
+    text = texts[0]
+    assert tokenizer(text)["input_ids"] == tok(text)["input_ids"]
+    x = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():
+        got, want = model(x).logits, src(x).logits
+        assert (got - want).abs().max() <= atol * want.abs().max(), ((got - want).abs().max(), want.abs().max())
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["source"] == "gguf"

@@ -10,6 +10,7 @@ OPT, Falcon... work without per-architecture tables, also behind a PEFT wrapper.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -29,7 +30,9 @@ def load_model(path_or_id, *, revision=None, gguf_file=None, dtype=None):
     """(model, tokenizer) from a hub id, a local save_pretrained folder, or a GGUF file.
 
     `gguf_file` is the file name inside `path_or_id` (hub repo or folder), as
-    transformers expects; the weights are de-quantised into a normal torch model.
+    transformers expects; the weights are de-quantised into a plain torch model, which
+    trains and saves like any other (transformers keeps a GGUF model marked as
+    quantized, and `save_pretrained` refuses such a model).
     A tokenizer without a pad token gets pad = eos, so batches can be padded.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -43,12 +46,30 @@ def load_model(path_or_id, *, revision=None, gguf_file=None, dtype=None):
     tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    if gguf_file:
+        from transformers import GgufConfig
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
+    if gguf_file:
+        model = _plain_copy(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _plain_copy(model):
+    """The same weights in a model built from its config without the quantization mark."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    weights = model.state_dict()
+    plain = AutoModelForCausalLM.from_config(config, dtype=next(iter(weights.values())).dtype)
+    plain.load_state_dict(weights)
+    return plain.eval()
 
 
 def save_model(model, tokenizer, path) -> None:
