@@ -243,4 +243,4 @@ def test_bad_params_are_input_errors(params, message):
 def test_default_world_is_quick_and_has_the_configured_size():
     w = synthetic.generate({})
     assert len(w["entities"]) == 240 + 2 * round(0.12 * 240)
-    assert len(w["documents"][w["documents"]["snapshot"] == 0]) == 240 * 2 + 120  # articles, infoboxes
+    assert len(w["documents"][w["documents"]["snapshot"] == 0]) == 240 * 3 + 120  # articles, infoboxes

@@ -38,8 +38,8 @@ import pandas as pd
 from ..io import InputError, merge_defaults
 from . import DOC_COLUMNS, ENTITY_COLUMNS, TRIPLE_COLUMNS
 
-DEFAULTS = {"seed": 0, "n_entities": 240, "n_snapshots": 3, "update_rate": 0.15,
-            "new_rate": 0.12, "docs_per_entity": 2, "probe_worded_share": 0.5}
+DEFAULTS = {"seed": 0, "n_entities": 240, "n_snapshots": 3, "update_rate": 0.25,
+            "new_rate": 0.12, "docs_per_entity": 3, "probe_worded_share": 0.5}
 MIN_ENTITIES = 8
 BASE_YEAR = 2018  # the year of T0; snapshot k is BASE_YEAR + k
 
