@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-WORLD = {"seed": 0, "n_entities": 240, "n_snapshots": 3, "update_rate": 0.15, "new_rate": 0.12}
+WORLD = {"seed": 0, "n_entities": 240, "n_snapshots": 3, "update_rate": 0.25, "new_rate": 0.12}  # T0 ignores the rates
 ARCH = {"n_layer": 6, "n_embd": 128, "n_head": 4, "n_positions": 128}
 PROBES = {"subject_cap": 0.05, "relation_cap": 0.25, "seed": 0}  # config/config.yaml's
 
