@@ -84,7 +84,8 @@ def inputs(tmp_path):
         trains.append(str(root / "train" / method / f"seed{seed}" / f"P{p}"))
     write_profile(root / "profile")
     (root / "base_model").mkdir()
-    (root / "base_model" / "metrics.json").write_text(json.dumps({"t0_top1": 0.42, "t0_object_ppl": 12.5}))
+    (root / "base_model" / "metrics.json").write_text(json.dumps(
+        {"steps": 60, "t0_probes": {"unchanged": {"n": 30, "object_ppl": 12.5, "top1": 0.42}}}))
     return {"evals": evals, "trains": trains, "profile": str(root / "profile"),
             "base_model": str(root / "base_model"), "out": str(tmp_path / "report")}
 
@@ -162,7 +163,7 @@ def test_markdown_and_figures(inputs):
     ln = math.log
     up, sd = ln(80) - (ln(50) + ln(54)) / 2, (ln(54) - ln(50)) / math.sqrt(2)
     assert f"**{up:.3f} ± {sd:.3f}**" in md  # full's uptake on new in period 1, the best
-    assert "t0_top1 = 0.420" in md  # base model context
+    assert "t0_probes.unchanged.top1 = 0.420" in md  # base model context, as basemodel writes it
     assert "| full | 1 | 2 | 4,000 ± 0 | 2.500 ± 0.707 |" in md  # training cost
     for fig in ("heatmap", "tradeoff", "curves"):
         img = mpimg.imread(f"{inputs['out']}/{fig}.png")

@@ -320,13 +320,25 @@ def definitions(primary: str) -> list[str]:
     ]
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as dotted keys: {"t0_probes": {"unchanged": {"top1": x}}} -> {"t0_probes.unchanged.top1": x}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def base_model_lines(metrics: dict) -> list[str]:
-    """Scalar entries of base_model/metrics.json, for context."""
-    items = [(k, v) for k, v in sorted(metrics.items()) if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+    """Scalar entries of base_model/metrics.json (its T0 probe accuracy among them), for context."""
+    items = [(k, v) for k, v in sorted(flatten(metrics).items())
+             if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
     if not items:
         return []
     return ["Base model (`base_model/metrics.json`): " + ", ".join(
-        f"{k} = {fmt(float(v)) if isinstance(v, (int, float)) else v}" for k, v in items) + "."]
+        f"{k} = {fmt(v) if isinstance(v, float) else v}" for k, v in items) + "."]
 
 
 def markdown(table: pd.DataFrame, primary: str, title: str, base_metrics: dict) -> str:
