@@ -32,16 +32,6 @@ ARCH = {"n_layer": 6, "n_embd": 128, "n_head": 4, "n_positions": 128}
 PROBES = {"subject_cap": 0.05, "relation_cap": 0.25, "seed": 0}  # config/config.yaml's
 
 
-def probe_frame(facts, prefix_fn, name):
-    from gradloc.probes import PROBE_COLUMNS
-    d = facts[["subject_id", "subject", "relation", "object"]].astype(str).copy()
-    d["prefix"] = [prefix_fn(s, r) for s, r in zip(d["subject"], d["relation"])]
-    d["statement"] = d["prefix"] + " " + d["object"]
-    d["probe_id"] = [f"{name}{i}" for i in range(len(d))]
-    d["period"], d["set"] = 0, name
-    return d[PROBE_COLUMNS]
-
-
 def run(setting: dict) -> dict:
     import torch
     from gradloc import basemodel, probes, scoring, split
@@ -56,9 +46,10 @@ def run(setting: dict) -> dict:
     held = probes.build_probes(PROBES, [], triples, articles, synthetic.probe_prefix)
     t0 = triples[triples["snapshot"] == 0]
     worded = t0[~t0["subject_id"].isin(set(held["subject_id"]))].head(400)
-    sets = {"held": held, "docwording": probe_frame(held, synthetic.document_prefix, "docwording")}
+    facts = probes.FACT_COLUMNS  # without `prefix`, so assemble words them anew
+    sets = {"held": held, "docwording": probes.assemble(0, "docwording", held[facts], synthetic.document_prefix)}
     if len(worded):
-        sets["worded"] = probe_frame(worded, synthetic.probe_prefix, "worded")
+        sets["worded"] = probes.assemble(0, "worded", worded[facts], synthetic.probe_prefix)
     params = {"architecture": setting.get("arch", ARCH), "tokenizer": {"vocab_size": 2048},
               "pretrain": {"steps": setting.get("steps", 1200), "batch_size": setting.get("bs", 32),
                            "lr": setting.get("lr", 3e-3), "seq_len": 128, "seed": 0}}

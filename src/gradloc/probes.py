@@ -102,10 +102,14 @@ def subject_articles(docs: pd.DataFrame, entities: pd.DataFrame, triples: pd.Dat
     return out
 
 
+def _in_subject_text(facts: pd.DataFrame, articles: dict[str, str], needles) -> pd.Series:
+    return pd.Series([x in articles.get(s, "") for s, x in zip(facts["subject_id"], needles)],
+                     index=facts.index, dtype=bool)
+
+
 def object_in_text(facts: pd.DataFrame, articles: dict[str, str]) -> pd.Series:
     """True where the object string occurs in the subject's article (TWiki's filter)."""
-    return pd.Series([o in articles.get(s, "") for s, o in zip(facts["subject_id"], facts["object"])],
-                     index=facts.index, dtype=bool)
+    return _in_subject_text(facts, articles, facts["object"])
 
 
 def short_object(facts: pd.DataFrame, max_words: int) -> pd.Series:
@@ -140,9 +144,8 @@ def cap(facts: pd.DataFrame, subject_cap: float, relation_cap: float, seed: int,
 
 def statement_in_text(facts: pd.DataFrame, articles: dict[str, str], prefix_fn) -> pd.Series:
     """True where the probe's statement (prefix, space, object) occurs in the subject's article."""
-    return pd.Series([f"{prefix_fn(n, r)} {o}" in articles.get(s, "")
-                      for s, n, r, o in zip(facts["subject_id"], facts["subject"], facts["relation"], facts["object"])],
-                     index=facts.index, dtype=bool)
+    return _in_subject_text(facts, articles, [f"{prefix_fn(n, r)} {o}" for n, r, o in
+                                              zip(facts["subject"], facts["relation"], facts["object"])])
 
 
 def filter_period(sets: dict[str, pd.DataFrame], articles_now: dict, articles_before: dict,

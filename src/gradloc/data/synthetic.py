@@ -402,6 +402,16 @@ def _fill(template: str, slots: dict[str, tuple[str, str | None]]) -> tuple[str,
     return "".join(out), spans
 
 
+def _join(pieces: list[tuple[str, list]], sep: str) -> tuple[str, list[tuple[str, int, int]]]:
+    """Filled sentences (text, spans) joined by `sep`, spans shifted to their place."""
+    text, spans = "", []
+    for sentence, s_spans in pieces:
+        offset = len(text) + (len(sep) if text else 0)
+        text = f"{text}{sep}{sentence}" if text else sentence
+        spans.extend((eid, a + offset, b + offset) for eid, a, b in s_spans)
+    return text, spans
+
+
 def render(e: Entity, variant: int) -> tuple[str, list[tuple[str, int, int]]]:
     """One variant of the entity's article: one sentence per fact, then its history."""
     sentences = []
@@ -409,16 +419,13 @@ def render(e: Entity, variant: int) -> tuple[str, list[tuple[str, int, int]]]:
         sentences.append((DOC_TEMPLATES[relation][t], relation, alias, None))
     for snapshot, relation, obj, oid in e.history:
         sentences.append((HISTORY_TEMPLATES[relation], relation, False, (BASE_YEAR + snapshot, obj, oid)))
-    text, spans = "", []
+    pieces = []
     for template, relation, alias, hist in sentences:
         obj, oid = e.facts[relation] if hist is None else hist[1:]
         slots = {"s": (e.aliases[0] if alias else e.name, e.id), "o": (obj, oid), "a": (_article(obj), None),
                  "y": (str(hist[0]) if hist else "", None)}
-        sentence, s_spans = _fill(template, slots)
-        offset = len(text) + (1 if text else 0)
-        text = f"{text} {sentence}" if text else sentence
-        spans.extend((eid, a + offset, b + offset) for eid, a, b in s_spans)
-    return text, spans
+        pieces.append(_fill(template, slots))
+    return _join(pieces, " ")
 
 
 # Which probe templates an infobox uses: probes ask in template 0; template 1 adds a
@@ -431,16 +438,9 @@ def render_infobox(e: Entity) -> tuple[str, list[tuple[str, int, int]]]:
     wording ("The employer of Mara Keller is Vestler Software Group."). Lines, not a
     running text: a probe starts a sequence ("The" right after <|endoftext|>), and a
     byte-level BPE tokenizes "The" at a line start the same way, " The" differently."""
-    text, spans = "", []
-    for relation in SCHEMA[e.kind]:
-        obj, oid = e.facts[relation]
-        for v in INFOBOX_TEMPLATES:
-            template = PROBE_TEMPLATES[relation][v % len(PROBE_TEMPLATES[relation])] + " {o}."
-            sentence, s_spans = _fill(template, {"s": (e.name, e.id), "o": (obj, oid)})
-            offset = len(text) + (1 if text else 0)
-            text = f"{text}\n{sentence}" if text else sentence
-            spans.extend((eid, a + offset, b + offset) for eid, a, b in s_spans)
-    return text, spans
+    return _join([_fill(PROBE_TEMPLATES[r][v % len(PROBE_TEMPLATES[r])] + " {o}.",
+                        {"s": (e.name, e.id), "o": e.facts[r]})
+                  for r in SCHEMA[e.kind] for v in INFOBOX_TEMPLATES], "\n")
 
 
 def probe_prefix(subject: str, relation: str, variant: int = 0) -> str:
@@ -478,6 +478,12 @@ def generate(params: dict | None = None) -> dict[str, pd.DataFrame]:
     worded_rng = random.Random(p["seed"] * 1_000_003 + 17)
     n_new = _round(p["new_rate"] * p["n_entities"])
     docs, triples, mentions = [], [], []
+
+    def add_doc(doc_id, k, e, rendered):
+        text, spans = rendered
+        docs.append((doc_id, k, e.name, text, "full"))
+        mentions.extend((doc_id, k, eid, a, b) for eid, a, b in spans)
+
     for k in range(p["n_snapshots"]):
         if k == 0:
             born = world.add_entities(p["n_entities"])
@@ -500,18 +506,12 @@ def generate(params: dict | None = None) -> dict[str, pd.DataFrame]:
                 obj, oid = e.facts[relation]
                 triples.append((k, e.id, e.name, relation, obj, oid))
             for j in range(p["docs_per_entity"]):
-                text, spans = render(e, j)
-                doc_id = f"{e.id}_{j}"
-                docs.append((doc_id, k, e.name, text, "full"))
-                mentions.extend((doc_id, k, eid, a, b) for eid, a, b in spans)
+                add_doc(f"{e.id}_{j}", k, e, render(e, j))
         # Infoboxes after all articles: a training window rarely holds an entity's
         # article and its infobox together, so answering has to come from memory.
         for e in world.entities:
             if e.probe_worded:
-                text, spans = render_infobox(e)
-                doc_id = f"{e.id}_facts"
-                docs.append((doc_id, k, e.name, text, "full"))
-                mentions.extend((doc_id, k, eid, a, b) for eid, a, b in spans)
+                add_doc(f"{e.id}_facts", k, e, render_infobox(e))
     entities = [(e.id, e.name, list(e.aliases), e.kind) for e in world.entities]
     return {
         "documents": pd.DataFrame(docs, columns=DOC_COLUMNS),
