@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+SCHEMA = yaml.safe_load((ROOT / "src/gradloc/config.schema.yaml").read_text())
 CONFIGS = ["config", "test", "paper"]
 
 
@@ -62,7 +62,7 @@ def test_defaults_are_filled_in():
     from snakemake.utils import validate
 
     config = {"data": {"source": "synthetic"}, "train": {"methods": {"full": {}, "lora": {"lora": {}}}}}
-    validate(config, str(ROOT / "workflow/schemas/config.schema.yaml"), set_default=True)
+    validate(config, str(ROOT / "src/gradloc/config.schema.yaml"), set_default=True)
     assert config["data"]["synthetic"]["n_entities"] == 240
     assert config["model"]["architecture"]["n_layer"] == 6
     assert config["train"]["seeds"] == [0, 1]

@@ -17,8 +17,9 @@ def check_config(config, schema_path):
         raise ValueError("invalid configuration:\n" + "\n".join(lines))
 
 
-check_config(config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))
-validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+SCHEMA = os.path.join(workflow.basedir, "src", "gradloc", "config.schema.yaml")
+check_config(config, SCHEMA)
+validate(config, schema=SCHEMA, set_default=True)
 
 R = config["results"]
 METHODS = list(config["train"]["methods"])

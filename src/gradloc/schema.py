@@ -1,0 +1,77 @@
+"""The config schema, shipped inside the package: the only place defaults live.
+
+`fill(section, params)` validates a stage's slice of the config against its part of the
+schema and returns it with every default filled in, so a stage run by hand (`gradloc
+<stage> --params ...`) and a Snakemake run behave the same. Errors name the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from importlib import resources
+
+import yaml
+
+from .io import InputError
+
+
+@functools.cache
+def schema() -> dict:
+    return yaml.safe_load(resources.files("gradloc").joinpath("config.schema.yaml").read_text())
+
+
+def schema_path() -> str:
+    """Filesystem path of the packaged schema (for Snakemake's `validate`)."""
+    return str(resources.files("gradloc").joinpath("config.schema.yaml"))
+
+
+@functools.cache
+def _validator_class():
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    validate_properties = base.VALIDATORS["properties"]
+
+    def properties_with_defaults(validator, properties, instance, schema_):
+        # Fill a missing key's default before validating, so nested defaults fill too.
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if key not in instance and isinstance(sub, dict) and "default" in sub:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema_)
+
+    return jsonschema.validators.extend(base, {"properties": properties_with_defaults})
+
+
+def section(name: str) -> dict:
+    """The sub-schema of a dotted config key ("train", "data.synthetic") or of a named
+    definition ("$defs.method"); references resolve against the whole schema."""
+    node = schema()
+    if name.startswith("$defs."):
+        node = node["$defs"][name.split(".", 1)[1]]
+    else:
+        for key in name.split("."):
+            node = node["properties"][key]
+    return {**node, "$defs": schema()["$defs"]}
+
+
+def fill(name: str, params: dict | None, where: str | None = None, ignore_required: bool = False) -> dict:
+    """`params` validated against section `name`, defaults filled in (a new dict).
+    One InputError lists every problem, each naming its key (`where.key.sub`)."""
+    sub = section(name)
+    if ignore_required:
+        sub.pop("required", None)
+    instance = copy.deepcopy(params) if params is not None else {}
+    validator = _validator_class()(sub)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.path])
+    if errors:
+        prefix = where or name
+        lines = [f"{'.'.join([prefix, *map(str, e.path)])}: {e.message}" for e in errors]
+        raise InputError("invalid parameters:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0])
+    return instance
+
+
+def defaults(name: str) -> dict:
+    """Every default of section `name` (what `fill(name, {})` gives, required keys aside)."""
+    return fill(name, {}, ignore_required=True)
