@@ -56,17 +56,22 @@ def train_steps(prepared, steps=2, lr=1e-2):
     return optimizer
 
 
-def test_resolve_method_fills_part_defaults_and_rejects_bad_keys():
+def test_resolve_method_fills_schema_defaults_and_rejects_bad_keys():
     m = resolve_method({"layers": "tgl_fp", "replay": {}, "lora": {"r": 8}})
     assert m["replay"] == {"ratio": 1.0}
     assert m["lora"] == {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "attention"}
-    assert resolve_method({})["layers"] == "all"
-    with pytest.raises(InputError, match="unknown key"):
+    assert resolve_method({}) == resolve_method(None) == {"layers": "all"}  # absent parts stay off
+    assert resolve_method({"recadam": {}})["recadam"] == {"anneal_k": 0.5, "anneal_t0": 250, "coeff": 5000}
+    with pytest.raises(InputError, match="method: .*'lyers' was unexpected"):
         resolve_method({"lyers": "all"})
-    with pytest.raises(InputError, match="method.lora"):
+    with pytest.raises(InputError, match="method.lora: .*'rank'"):
         resolve_method({"lora": {"rank": 4}})
+    with pytest.raises(InputError, match="method.layers"):
+        resolve_method({"layers": "tgl"})
     with pytest.raises(InputError, match="k_adapter"):
         resolve_method({"layers": "tgl_fp", "k_adapter": {}})
+    with pytest.raises(InputError, match="one adapter"):
+        resolve_method({"lora": {}, "k_adapter": {}})
 
 
 def test_tgl_fp_freezes_others_and_gives_them_no_optimizer_state():
@@ -160,6 +165,42 @@ def test_lora_targets_are_found_generically():
     assert lora_targets(llama, "attention_qv") == [f"model.layers.{i}.self_attn.{m}" for i in range(2)
                                                    for m in ("q_proj", "v_proj")]
     assert len(lora_targets(llama, "attention")) == 8
+
+
+def lora_layers(model):
+    """{name: the module it wraps} of every PEFT LoRA layer in `model`."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m.get_base_layer() for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def test_lora_parameters_land_in_the_unit_of_the_block_they_wrap():
+    model = gpt2()
+    blocks = {f"block.{i}": set(block.modules()) for i, block in enumerate(model.transformer.h)}
+    prepared = prepare(model, {"lora": {"r": 2, "targets": "all_linear"}})
+    wrapped = lora_layers(prepared.model)
+    assert len(wrapped) == 4 * 4  # c_attn, c_proj, mlp.c_fc, mlp.c_proj in each block
+    names = {id(p): n for n, p in prepared.model.named_parameters()}
+    owner = {}  # LoRA parameter -> block whose module its layer wraps, by module identity
+    for layer_name, base in wrapped.items():
+        block = next(u for u, mods in blocks.items() if base in mods)
+        for p in dict(prepared.model.named_modules())[layer_name].parameters():
+            if p.requires_grad:
+                owner[id(p)] = block
+    assert {g["name"] for g in prepared.groups} == set(blocks)  # LoRA A/B are matrices: decayed
+    for g in prepared.groups:
+        assert g["params"] and all(owner[id(p)] == g["name"] for p in g["params"]), g["name"]
+        assert all("lora_" in names[id(p)] for p in g["params"])
+    assert sum(len(g["params"]) for g in prepared.groups) == 2 * len(wrapped)
+    assert prepared.trained_units == list(blocks)
+
+    model = gpt2()
+    selected = set(model.transformer.h[2].modules()) | set(model.transformer.h[3].modules())
+    prepared = prepare(model, {"layers": "tgl_fp", "lora": {"r": 2, "targets": "all_linear"}}, SELECTION)
+    wrapped = lora_layers(prepared.model)
+    assert len(wrapped) == 2 * 4 and all(base in selected for base in wrapped.values())
+    assert [g["name"] for g in prepared.groups] == ["block.2", "block.3"]
+    assert prepared.trained_units == ["block.2", "block.3"]
 
 
 def test_lora_trains_adapters_in_selected_layers_and_merges_on_save(tmp_path):

@@ -1,0 +1,117 @@
+"""How each continual-pretraining method prepares the model and the optimizer.
+
+A method is a combination of parts (config `train.methods.*`, defaults in the schema's
+`$defs.method`), one file each:
+- `layers`: the trainable-parameter policy, which units train at which lr multiplier
+  (`all` = DIFF, `tgl_fp`, `tgl_alr`, and the controls `random`/`first`/`last`);
+- an adapter: `lora` (PEFT, merged before saving) or `kadapter` (base frozen);
+- `recadam`: the optimizer;
+- `replay` (Mix-Review): data only, handled where the epoch is built;
+- `checkpoint`: save and load what evaluation and the next period read.
+
+`prepare()` turns a loaded model and a method into a `Prepared` (model to train plus
+optimizer param groups); `make_optimizer()` builds the optimizer. A new localisation
+(e.g. a weight mask) is another policy returning {unit: multiplier} or its own groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..io import InputError
+from ..models import layer_units
+from ..schema import fill
+from . import lora
+from .checkpoint import K_ADAPTER_FILES, load_checkpoint, save_checkpoint
+from .kadapter import AdapterBlock, KAdapterModel
+from .layers import POLICIES, read_selection, unit_multipliers
+from .lora import add_lora, lora_targets
+from .recadam import RecAdam, anneal_lambda
+
+__all__ = ["resolve_method", "Prepared", "prepare", "make_optimizer", "lm_loss", "save_checkpoint",
+           "load_checkpoint", "K_ADAPTER_FILES", "AdapterBlock", "KAdapterModel", "POLICIES", "read_selection",
+           "unit_multipliers", "lora_targets", "add_lora", "RecAdam", "anneal_lambda"]
+
+
+def resolve_method(method: dict | None) -> dict:
+    """A method entry validated against the schema with its defaults filled in (a part's
+    presence switches it on), then checked across parts; problems raise InputError."""
+    method = fill("$defs.method", method, where="method")
+    if method["layers"] not in POLICIES:
+        raise InputError(f"method.layers: {method['layers']!r} is not one of {list(POLICIES)}")
+    if "lora" in method and "k_adapter" in method:
+        raise InputError("method: choose one adapter, lora or k_adapter")
+    if "k_adapter" in method and method["layers"] != "all":
+        raise InputError("method: k_adapter freezes the base model; use layers: all")
+    return method
+
+
+@dataclass
+class Prepared:
+    model: nn.Module                  # what the loop trains (maybe wrapped: PEFT, K-Adapter)
+    groups: list[dict]                # {"name", "params", "lr_mult", "decay"} per group
+    trained_units: list[str]
+    method: dict
+    token_weights: Callable | None = None  # unused: train.py still reads it
+    info: dict = field(default_factory=dict)
+
+
+def prepare(model: nn.Module, method: dict, selection=None, seed: int = 0) -> Prepared:
+    """Freeze, wrap and group `model`'s parameters for `method` (see the module doc)."""
+    method = resolve_method(method)
+    sel = read_selection(selection)
+    if isinstance(model, KAdapterModel) and "k_adapter" not in method:
+        raise InputError("init checkpoint has a K-Adapter but the method has no k_adapter part")
+    base = model.base if isinstance(model, KAdapterModel) else model
+    units = layer_units(base, sel.get("granularity", "block"))
+    mults = unit_multipliers(method["layers"], list(units), sel, seed)
+    unit_of = {name: unit for unit, names in units.items() for name in names}
+    for name, p in base.named_parameters():
+        p.requires_grad_(unit_of[name] in mults)
+
+    if "lora" in method:
+        model, unit_of = lora.wrap(base, method["lora"], unit_of, mults)
+    elif "k_adapter" in method:
+        base.requires_grad_(False)
+        if not isinstance(model, KAdapterModel):  # a K-Adapter checkpoint continues its adapters
+            model = KAdapterModel(base, method["k_adapter"]["layers"], method["k_adapter"]["scale"])
+        unit_of = {n: "k_adapter" for n, p in model.named_parameters() if p.requires_grad}
+        mults = {"k_adapter": 1.0}
+
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        unit = unit_of[name]
+        decay = p.ndim >= 2  # no weight decay on biases and norms (as nanoGPT)
+        g = groups.setdefault((unit, decay), {"name": unit if decay else f"{unit}/no_decay", "params": [],
+                                              "lr_mult": mults[unit], "decay": decay})
+        g["params"].append(p)
+    trained = [u for u in mults if any(k[0] == u for k in groups)]
+    return Prepared(model=model, groups=list(groups.values()), trained_units=trained, method=method,
+                    info={"granularity": sel.get("granularity", "block"), "layers": method["layers"]})
+
+
+def make_optimizer(prepared: Prepared, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (or RecAdam) over the prepared groups only, so frozen parameters get no state."""
+    groups = [{"params": g["params"], "name": g["name"], "lr": lr * g["lr_mult"], "lr_mult": g["lr_mult"],
+               "weight_decay": weight_decay if g["decay"] else 0.0} for g in prepared.groups]
+    if "recadam" in prepared.method:
+        return RecAdam(groups, lr=lr, **prepared.method["recadam"])
+    return torch.optim.AdamW(groups, lr=lr, foreach=False)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token loss mean_t(w_t * CE_t) over positions whose label is not -100; w = 1
+    without `weights` (per-token weights, e.g. CaMeLS, are indexed like `labels`)."""
+    target = labels[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+                         reduction="none").view_as(target)
+    mask = (target != -100).to(ce.dtype)
+    w = mask if weights is None else weights[:, 1:].to(ce.dtype) * mask
+    return (ce * w).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,82 @@
+"""Trainable-parameter policies (`method.layers`): which units train, at which lr multiplier.
+
+A policy maps (units bottom to top, selection, seed) to {trainable unit: lr multiplier};
+units it leaves out are frozen. `all` is full fine-tuning (DIFF), `tgl_fp` / `tgl_alr`
+read the selection, `random` / `first` / `last` are controls that train as many blocks
+as TGL-FP selected. Another localisation is one more entry in `POLICIES`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..io import InputError, read_json
+from ..models import is_block_unit
+
+
+def read_selection(selection) -> dict:
+    """The selection JSON (a path or an already-read dict), its required keys checked."""
+    if selection is None:
+        return {}
+    sel = read_json(selection) if isinstance(selection, (str, Path)) else dict(selection)
+    for key in ("granularity", "units", "lr_multipliers"):
+        if key not in sel:
+            raise InputError(f"{selection if isinstance(selection, (str, Path)) else 'selection'}: missing key {key!r}")
+    sel["_source"] = str(selection) if isinstance(selection, (str, Path)) else "selection"
+    return sel
+
+
+def _all(units, sel, seed):
+    return {u: 1.0 for u in units}
+
+
+def _tgl_fp(units, sel, seed):
+    return {u: 1.0 for u in units if u in set(sel["units"])}
+
+
+def _tgl_alr(units, sel, seed):
+    # Embeddings and head keep the base rate: every input shares them, so their norm
+    # says nothing about where a fact lives.
+    return {u: 1.0 if u in ("embed", "lm_head") else float(sel["lr_multipliers"].get(u, 1.0)) for u in units}
+
+
+def _control(pick):
+    """A control policy: as many block units as TGL-FP selected, chosen by `pick(blocks,
+    k, seed)`; TGL-FP's non-block units are kept, so only *which* blocks train differs."""
+    def policy(units, sel, seed):
+        blocks = [u for u in units if is_block_unit(u)]
+        picked = set(pick(blocks, sum(is_block_unit(u) for u in sel["units"]), seed))
+        keep = {u for u in sel["units"] if not is_block_unit(u)}
+        return {u: 1.0 for u in units if u in picked or u in keep}
+    return policy
+
+
+def _random_blocks(blocks, k, seed):
+    return [blocks[i] for i in np.random.default_rng(seed).choice(len(blocks), size=k, replace=False)]
+
+
+POLICIES = {
+    "all": _all,
+    "tgl_fp": _tgl_fp,
+    "tgl_alr": _tgl_alr,
+    "random": _control(_random_blocks),
+    "first": _control(lambda blocks, k, seed: blocks[:k]),
+    "last": _control(lambda blocks, k, seed: blocks[len(blocks) - k:]),
+}
+
+
+def unit_multipliers(policy: str, units: list[str], sel: dict, seed: int) -> dict[str, float]:
+    """{trainable unit: lr multiplier} for a layer policy; units not listed are frozen."""
+    if policy != "all":
+        if not sel:
+            raise InputError(f"method layers={policy} needs a selection file (--selection)")
+        for u in list(sel["units"]) + list(sel["lr_multipliers"]):
+            if u not in units:
+                raise InputError(f"{sel['_source']}: unit {u!r} is not a unit of this model at granularity "
+                                 f"{sel['granularity']!r} (units: {units})")
+    mults = POLICIES[policy](units, sel, seed)
+    if not mults:
+        raise InputError(f"{sel.get('_source', 'selection')}: layers={policy} leaves no unit to train")
+    return mults
