@@ -17,7 +17,6 @@ optimizer param groups); `make_optimizer()` builds the optimizer. A new localisa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +56,6 @@ class Prepared:
     groups: list[dict]                # {"name", "params", "lr_mult", "decay"} per group
     trained_units: list[str]
     method: dict
-    token_weights: Callable | None = None  # unused: train.py still reads it
     info: dict = field(default_factory=dict)
 
 
