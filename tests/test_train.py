@@ -4,6 +4,11 @@ uninterrupted one, replay mixes base blocks, and the CLI path works."""
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -13,7 +18,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
 
-from gradloc import cli, train
+from gradloc import cli, engine, tokens, train
 from gradloc.io import InputError
 from gradloc.models import layer_units, save_model
 
@@ -47,12 +52,13 @@ def world(tmp_path_factory):
     (root / "tagged").mkdir()
     df.to_parquet(root / "tagged" / "sequences.parquet")
     (root / "sel.json").write_text(json.dumps(SELECTION))
+    tokens.run({}, model=root / "base_model", tagged=root / "tagged", out=root / "tokens")
     return root
 
 
-def run(world, out, method, state=None, selection=True, stop=None, **common):
-    params = {"name": "m", "common": {**COMMON, **common}, "method": method, "_stop_after_steps": stop}
-    return train.run(params, init=world / "base_model", tagged=world / "tagged",
+def run(world, out, method, state=None, selection=True, **common):
+    params = {"name": "m", "common": {**COMMON, **common}, "method": method}
+    return train.run(params, init=world / "base_model", tokens=world / "tokens",
                      selection=world / "sel.json" if selection else None, period=1, seed=0,
                      state=state, out=out)
 
@@ -99,29 +105,62 @@ def test_same_seed_same_weights(world, tmp_path):
     assert [r["loss"] for r in read_log(tmp_path / "a")] == [r["loss"] for r in read_log(tmp_path / "b")]
 
 
+def train_command(world, out, method, state, **common):
+    params = {"name": "m", "common": {**COMMON, **common}, "method": method}
+    return [sys.executable, "-m", "gradloc", "train", "--params", json.dumps(params),
+            "--init", str(world / "base_model"), "--tokens", str(world / "tokens"),
+            "--selection", str(world / "sel.json"), "--period", "1", "--seed", "0",
+            "--state", str(state), "--out", str(out)]
+
+
+def kill_when_saved(command, state, step=2):
+    """Start a real training process and SIGKILL it (as SLURM does on preemption) as soon
+    as its saved state reaches `step`: stopped from outside, at whatever point it is."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    latest = state / "latest.json"
+    while proc.poll() is None:
+        try:
+            if json.loads(latest.read_text())["step"] >= step:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc.returncode
+
+
 @pytest.mark.parametrize("method", [{"layers": "tgl_alr"}, {"lora": {"dropout": 0.1}, "recadam": {}}])
 def test_resume_equals_uninterrupted(world, tmp_path, method):
-    run(world, tmp_path / "full", method, grad_accum=2, save_every=2, state=tmp_path / "state_full")
+    """Killed after its first saved state (or later), rerun, the result equals an
+    uninterrupted run's: weights bit-identical, the same log rows."""
+    common = {"grad_accum": 2, "save_every": 2, "epochs": 3}
+    run(world, tmp_path / "full", method, state=tmp_path / "state_full", **common)
     assert not (tmp_path / "state_full").exists(), "state is removed at the end"
 
     state = tmp_path / "state"
-    with pytest.raises(RuntimeError, match="stopped after 3"):
-        run(world, tmp_path / "resumed", method, grad_accum=2, save_every=2, state=state, stop=3)
-    assert json.loads((state / "latest.json").read_text())["step"] == 2
-    assert not (tmp_path / "resumed").exists()
-    run(world, tmp_path / "resumed", method, grad_accum=2, save_every=2, state=state)
+    command = train_command(world, tmp_path / "resumed", method, state, **common)
+    if kill_when_saved(command, state) != -signal.SIGKILL:
+        pytest.skip("the run finished before it could be killed")
+    assert not (tmp_path / "resumed").exists(), "a killed job must leave no output"
+    assert json.loads((state / "latest.json").read_text())["step"] >= 2
+    subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
     assert strip(read_log(tmp_path / "full")) == strip(read_log(tmp_path / "resumed"))
     assert not state.exists()
+    assert not list(tmp_path.glob(".resumed.tmp-*")), "the killed attempt's temporary output is cleaned up"
 
 
 def test_state_of_other_settings_is_ignored(world, tmp_path):
     state = tmp_path / "state"
-    with pytest.raises(RuntimeError):
-        run(world, tmp_path / "x", {"layers": "all"}, selection=False, save_every=1, state=state,
-            stop=1)
+    run(world, tmp_path / "x0", {"layers": "all"}, selection=False, save_every=1, state=state)
+    # a state of lr 1e-2 left behind (as a killed run would leave it)
+    progress = {"step": 1, "tokens": 0, "elapsed": 0.0, "log": [], "fingerprint": "other", "dir": "step-00000001"}
+    state.mkdir()
+    (state / "latest.json").write_text(json.dumps(progress))
     run(world, tmp_path / "x", {"layers": "all"}, selection=False, save_every=1, state=state, lr=5e-3)
     run(world, tmp_path / "y", {"layers": "all"}, selection=False, lr=5e-3)
     a, b = weights(tmp_path / "x"), weights(tmp_path / "y")
@@ -131,10 +170,11 @@ def test_state_of_other_settings_is_ignored(world, tmp_path):
 def test_replay_mixes_fresh_base_blocks_each_epoch(world):
     tok = char_tokenizer()
     cfg = train.settings({"common": {"seq_len": 16}, "method": {"replay": {"ratio": 1.5}}})
-    diff_texts, base_texts = train.load_texts(world / "tagged", 1)
-    diff = train.cut_blocks(train.tokenize(diff_texts, tok), 16, 0)
-    e0 = train.build_epoch(diff, base_texts, tok, cfg, epoch=0, seed=0)
-    e1 = train.build_epoch(diff, base_texts, tok, cfg, epoch=1, seed=0)
+    toks = tokens.load(world / "tokens", tok)
+    diff_docs, base_docs = train.period_docs(toks, 1)
+    diff = train.cut_blocks(train.with_eos(diff_docs, 0), 16, 0)
+    epochs = train.Epochs(diff, train.with_eos(base_docs, 0), cfg, seed=0, pad_id=0)
+    e0, e1 = epochs.build(0), epochs.build(1)
     n = len(diff["input_ids"])
     assert int(e0["source"].sum()) == round(1.5 * n) and len(e0["source"]) == n + round(1.5 * n)
     assert e0["source"][: n].sum() > 0, "replay blocks are shuffled in, not appended"
@@ -144,8 +184,9 @@ def test_replay_mixes_fresh_base_blocks_each_epoch(world):
     diff_text = text(e0["input_ids"][e0["source"] == 0])
     assert "New" in diff_text and "Base" not in diff_text
     assert not torch.equal(e0["input_ids"][e0["source"] == 1], e1["input_ids"][e1["source"] == 1])
-    again = train.build_epoch(diff, base_texts, tok, cfg, epoch=0, seed=0)
-    assert torch.equal(again["input_ids"], e0["input_ids"])
+    assert torch.equal(epochs.build(0)["input_ids"], e0["input_ids"])
+    # rows of epoch 1 are addressed as epoch * size + i
+    assert torch.equal(epochs.__getitems__([epochs.size + 3])["input_ids"][0], e1["input_ids"][3])
 
 
 def test_blocks_keep_every_token_and_mask_the_padding():
@@ -162,7 +203,7 @@ def test_k_adapter_run_continues_into_the_next_period(world, tmp_path):
     assert (tmp_path / "P1" / "model" / "k_adapter.safetensors").exists()
     assert all(torch.equal(v, weights(world / "base_model")[k]) for k, v in weights(tmp_path / "P1").items())
     params = {"name": "k", "common": COMMON, "method": method}
-    train.run(params, init=tmp_path / "P1", tagged=world / "tagged", selection=None, period=2, seed=0,
+    train.run(params, init=tmp_path / "P1", tokens=world / "tokens", selection=None, period=2, seed=0,
               state=None, out=tmp_path / "P2")
     p1, _ = load_checkpoint(tmp_path / "P1")
     p2, _ = load_checkpoint(tmp_path / "P2")
@@ -171,10 +212,10 @@ def test_k_adapter_run_continues_into_the_next_period(world, tmp_path):
 
 
 def test_bad_inputs_raise_input_errors(world, tmp_path):
-    with pytest.raises(InputError, match="unknown key"):
+    with pytest.raises(InputError, match="'lrr' was unexpected"):
         train.settings({"common": {"lrr": 1}})
     with pytest.raises(InputError, match="period == 7"):
-        train.run({"common": COMMON}, init=world / "base_model", tagged=world / "tagged", period=7, out=tmp_path / "o")
+        train.run({"common": COMMON}, init=world / "base_model", tokens=world / "tokens", period=7, out=tmp_path / "o")
     with pytest.raises(InputError, match="seq_len 128 exceeds"):
         run(world, tmp_path / "o", {}, seq_len=128)
 
@@ -183,7 +224,7 @@ def test_cli_trains_and_writes_the_documented_outputs(world, tmp_path):
     params = json.dumps({"name": "tgl_fp+mix_review", "common": {**COMMON, "seeds": [0], "methods": {}},
                          "method": {"layers": "tgl_fp", "replay": {"ratio": 1.0}, "epochs": 2}})
     out = tmp_path / "train" / "tgl_fp+mix_review" / "seed0" / "P1"
-    rc = cli.main(["train", "--params", params, "--init", str(world / "base_model"), "--tagged", str(world / "tagged"),
+    rc = cli.main(["train", "--params", params, "--init", str(world / "base_model"), "--tokens", str(world / "tokens"),
                    "--selection", str(world / "sel.json"), "--period", "1", "--seed", "0",
                    "--state", str(tmp_path / "state"), "--out", str(out)])
     assert rc == 0
@@ -192,16 +233,25 @@ def test_cli_trains_and_writes_the_documented_outputs(world, tmp_path):
     assert metrics["blocks_per_epoch"] == 2 * metrics["diff_blocks"]
     assert metrics["steps"] == 2 * 9  # 18 blocks per epoch, batch 2, two epochs
     assert len(read_log(out)) == 9
-    rc = cli.main(["train", "--params", params, "--init", str(world / "base_model"), "--tagged", str(world / "tagged"),
+    rc = cli.main(["train", "--params", params, "--init", str(world / "base_model"), "--tokens", str(world / "tokens"),
                    "--period", "1", "--seed", "0", "--out", str(tmp_path / "o2")])
     assert rc == 2, "tgl_fp without --selection is an input error"
 
 
 def test_schedule_warmup_then_linear_or_cosine_decay():
-    linear = train.lr_lambda(total=10, warmup=2, schedule="linear")
-    assert [linear(s) for s in (0, 1, 2, 6)] == [0.5, 1.0, 1.0, 0.5]
-    cosine = train.lr_lambda(total=10, warmup=0, schedule="cosine")
-    assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
+    def lrs(name, total, warmup, steps, processes=1):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        sched = engine.make_scheduler(opt, name, total, warmup, processes)
+        out = []
+        for _ in range(max(steps) + 1):
+            out.append(sched.get_last_lr()[0])
+            for _ in range(processes):  # accelerate steps a prepared scheduler once per process
+                sched.step()
+        return [out[s] for s in steps]
+
+    assert lrs("linear", 10, 2, (0, 1, 2, 6)) == [0.0, 0.5, 1.0, 0.5]
+    assert lrs("linear", 10, 2, (0, 1, 2, 6), processes=2) == [0.0, 0.5, 1.0, 0.5]
+    assert lrs("cosine", 10, 0, (0, 5, 10)) == pytest.approx([1.0, 0.5, 0.0])
     with pytest.raises(InputError, match="schedule"):
         train.settings({"common": {"schedule": "step"}})
 
@@ -209,7 +259,7 @@ def test_schedule_warmup_then_linear_or_cosine_decay():
 def test_gpu_request_is_checked(monkeypatch):
     """A job that asked for GPUs fails clearly when CUDA sees fewer; CPU-only torch only warns."""
     from gradloc.io import InputError
-    from gradloc.train import check_gpus
+    from gradloc.engine import check_gpus
 
     check_gpus(0, 1)
     monkeypatch.setattr(torch.version, "cuda", "12.8")
@@ -226,40 +276,50 @@ def test_gpu_request_is_checked(monkeypatch):
     check_gpus(2, 1)  # CPU-only build: warns, trains on CPU
 
 
-def test_sigkill_then_rerun_equals_uninterrupted(world, tmp_path):
-    """A training job killed with SIGKILL (as SLURM does on preemption) leaves no output,
-    and rerunning the same command continues from the saved state to the same weights."""
-    import signal
-    import subprocess
-    import sys
-    import time
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    """Data-parallel proof on CPU: `gradloc train` as 2 processes (torchrun + accelerate,
+    gloo backend) with batch 2 each, and as 1 process with batch 4, see the same blocks
+    per step. Every block is full (16 documents of exactly 32 tokens), so the mean of the
+    two processes' mean losses equals the one process's mean loss, and the averaged
+    gradients agree up to float summation order. Adam's update divides by sqrt(v), which
+    magnifies those last-bit differences for tiny gradients, so weights are compared with
+    atol 1e-4 (1% of one Adam step at lr 1e-2) after 8 steps; the losses match to 1e-6."""
+    import socket
 
-    method = {"layers": "tgl_alr"}
-    run(world, tmp_path / "full", method, save_every=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=64,
+                                                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
+                                                        embd_pdrop=0.0, attn_pdrop=0.0))
+    save_model(model, char_tokenizer(), tmp_path / "base_model" / "model")
+    texts = [f"Fact {i:02d}: Alice{i:02d} lives in Oslo." for i in range(16)]  # 31 characters + EOS
+    pd.DataFrame([{"seq_id": f"s{i}", "period": 1, "split": "train", "doc_id": f"d{i}", "origin": "diff", "text": t,
+                   "knowledge_type": "none"} for i, t in enumerate(texts)]).to_parquet(tmp_path / "seqs.parquet")
+    (tmp_path / "tagged").mkdir()
+    (tmp_path / "seqs.parquet").rename(tmp_path / "tagged" / "sequences.parquet")
+    tokens.run({}, model=tmp_path / "base_model", tagged=tmp_path / "tagged", out=tmp_path / "tokens")
 
-    def command(extra):
-        params = {"name": "m", "common": {**COMMON, "save_every": 2}, "method": method, **extra}
-        return [sys.executable, "-m", "gradloc", "train", "--params", json.dumps(params),
-                "--init", str(world / "base_model"), "--tagged", str(world / "tagged"),
-                "--selection", str(world / "sel.json"), "--period", "1", "--seed", "0",
-                "--state", str(tmp_path / "state"), "--out", str(tmp_path / "killed")]
+    def train_with(processes, batch_size, out):
+        params = {"name": "full", "common": {"lr": 1e-2, "batch_size": batch_size, "seq_len": 32, "precision": "no",
+                                             "epochs": 2, "log_every": 1}, "method": {}}
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                    "--master_addr", "127.0.0.1", "--master_port", str(port)] if processes > 1 else [sys.executable]
+        command = launcher + ["-m", "gradloc", "train", "--params", json.dumps(params),
+                              "--init", str(tmp_path / "base_model"), "--tokens", str(tmp_path / "tokens"),
+                              "--period", "1", "--seed", "0", "--out", str(out)]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+        r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads((out / "metrics.json").read_text())
 
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(command({"_hang_after_steps": 2}), stderr=subprocess.PIPE, text=True, env=env)
-    # Wait (no timing assumption: read the process's own word) until it hangs past step 2.
-    for line in proc.stderr:
-        if "hanging after step" in line:
-            break
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (tmp_path / "killed").exists(), "a killed job must leave no output"
-    assert json.loads((tmp_path / "state" / "latest.json").read_text())["step"] == 2
-
-    subprocess.run(command({}), check=True, env=env, capture_output=True)
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "killed")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "killed" / "metrics.json").read_text())["steps"] == \
-        json.loads((tmp_path / "full" / "metrics.json").read_text())["steps"]
-    assert not (tmp_path / "state").exists()
-    assert not list(tmp_path.glob(".killed.tmp-*")), "the killed attempt's temporary output is cleaned up"
+    one = train_with(1, 4, tmp_path / "one")
+    two = train_with(2, 2, tmp_path / "two")
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["steps"] == two["steps"] == 8 and one["tokens"] == two["tokens"]
+    losses = lambda folder: [float(r["loss"]) for r in read_log(folder)]  # noqa: E731
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-6)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert any(not torch.equal(a[k], weights(tmp_path / "base_model")[k]) for k in a), "training moved the weights"

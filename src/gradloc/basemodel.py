@@ -12,8 +12,9 @@ and perplexity, training loss, parameter count, time), `train_log.csv` (step, lo
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
+import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from . import schema
 from .io import InputError, atomic_output, read_table, write_json
 from .models import load_model, save_model
 from .scoring import score_probes, summarize
@@ -28,40 +30,14 @@ from .scoring import score_probes, summarize
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
-DEFAULTS = {
-    "source": "scratch", "name_or_path": None, "gguf_file": None, "revision": None,
-    "architecture": {"n_layer": 6, "n_embd": 128, "n_head": 4, "n_positions": 128},
-    "tokenizer": {"vocab_size": 2048},
-    "pretrain": {"steps": 1500, "batch_size": 32, "lr": 1.0e-3, "seq_len": 128, "seed": 0},
-    "teach_t0": False,
-}
-WARMUP_FRACTION = 0.05  # of the steps, linear warm-up before the cosine decay
-MIN_LR_FRACTION = 0.1   # cosine decays to this share of the peak learning rate
-WEIGHT_DECAY = 0.1      # on matrices only (nanoGPT), not on biases, norms
-GRAD_CLIP = 1.0
 
 
 def with_defaults(params: dict | None) -> dict:
-    params = dict(params or {})
-    unknown = set(params) - set(DEFAULTS)
-    if unknown:
-        raise InputError(f"model params: unknown key(s) {sorted(unknown)}")
-    out = {}
-    for key, default in DEFAULTS.items():
-        value = params.get(key, default)
-        if isinstance(default, dict):
-            value = dict(value or {})
-            bad = set(value) - set(default)
-            if bad:
-                raise InputError(f"model params: unknown key(s) {sorted(bad)} in {key!r}")
-            value = {**default, **value}
-        out[key] = value
-    if out["source"] not in ("scratch", "pretrained", "gguf"):
-        raise InputError(f"model params: source must be scratch, pretrained or gguf, got {out['source']!r}")
+    out = schema.fill("model", params, where="model")
     if out["source"] != "scratch" and not out["name_or_path"]:
-        raise InputError(f"model params: source {out['source']!r} needs name_or_path")
+        raise InputError(f"model: source {out['source']!r} needs name_or_path")
     if out["source"] == "gguf" and not out["gguf_file"]:
-        raise InputError("model params: source 'gguf' needs gguf_file")
+        raise InputError("model: source 'gguf' needs gguf_file")
     return out
 
 
@@ -114,49 +90,48 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear warm-up, then cosine decay to MIN_LR_FRACTION * lr."""
-    warmup = max(1, int(WARMUP_FRACTION * steps))
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+class Windows:
+    """Training rows of base-model pretraining: row i is the `seq_len` window of the T0
+    token stream at `starts[i]` (nanoGPT's get_batch: windows drawn with a seeded
+    generator, so every fact is seen at many offsets and with its preceding context)."""
+
+    def __init__(self, stream: torch.Tensor, starts: torch.Tensor, seq_len: int):
+        self.stream, self.starts, self.seq_len = stream, starts, seq_len
+
+    def __getitems__(self, rows: list[int]) -> dict:
+        x = torch.stack([self.stream[s:s + self.seq_len] for s in self.starts[rows].tolist()])
+        return {"input_ids": x, "labels": x}
 
 
-def pretrain(model, tokenizer, texts: list[str], steps: int, batch_size: int, lr: float, seq_len: int,
-             seed: int) -> list[dict]:
-    """Train on random `seq_len` windows of the T0 token stream (nanoGPT's get_batch:
-    windows drawn with a seeded generator, so every fact is seen at many offsets and
-    with its preceding context). Returns the log rows (step, loss, lr)."""
-    dev = next(model.parameters()).device
+def pretrain(model, tokenizer, texts: list[str], pre: dict, state=None, accelerator=None):
+    """Train `model` on random windows of the T0 token stream with the shared engine
+    (AdamW, betas 0.9/0.95, weight decay on matrices only, linear warm-up then cosine
+    decay to `min_lr_ratio` x lr). Returns (trained model, log rows: step, loss, lr)."""
+    from . import engine
+
     stream = token_stream(tokenizer, texts)
     max_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    seq_len = min(seq_len, len(stream) - 1, max_pos or seq_len)
+    seq_len = min(pre["seq_len"], len(stream) - 1, max_pos or pre["seq_len"])
     if seq_len < 2:
         raise InputError(f"T0 text too short to train on ({len(stream)} tokens)")
-    gen = torch.Generator().manual_seed(seed)
+    steps, B = pre["steps"], pre["batch_size"]
+    gen = torch.Generator().manual_seed(pre["seed"])
+    accelerator = accelerator or engine.make_accelerator(pre["precision"])
+    W = accelerator.num_processes  # batch_size windows per process and step
+    starts = torch.cat([torch.randint(0, len(stream) - seq_len, (B * W,), generator=gen) for _ in range(steps)])
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-    model.train()
-    rows = []
-    bar = tqdm(range(steps), desc="pretrain T0", mininterval=2)
-    for step in bar:
-        cur = lr_at(step, steps, lr)
-        for group in opt.param_groups:
-            group["lr"] = cur
-        starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=gen)
-        x = torch.stack([stream[s:s + seq_len] for s in starts.tolist()]).to(dev)
-        loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        opt.step()
-        rows.append({"step": step, "loss": float(loss.detach()), "lr": cur})
-        bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", refresh=False)
-    model.eval()
-    return rows
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": pre["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=pre["lr"], betas=(0.9, 0.95))
+    sched = engine.make_scheduler(opt, "cosine_with_min_lr", steps, max(1, int(pre["warmup_ratio"] * steps)), W,
+                                  min_lr_rate=pre["min_lr_ratio"])
+    batches = engine.StepBatches(lambda s: torch.arange(s * B * W, (s + 1) * B * W), steps, 1, W)
+    fp = engine.fingerprint(pre, [], hashlib.sha256(stream.numpy().tobytes()).hexdigest(), model.config.to_json_string(), W)
+    trained, _, progress = engine.fit(accelerator, model, opt, sched, Windows(stream, starts, seq_len), batches,
+                                      grad_clip=pre["grad_clip"], log_every=1, desc="pretrain T0", state=state,
+                                      fp=fp, save_every=pre["save_every"])
+    rows = [{"step": r["step"] - 1, "loss": r["loss"], "lr": r["lr"]} for r in progress["log"]]
+    return accelerator.unwrap_model(trained), rows
 
 
 def t0_probes(probes_dir) -> pd.DataFrame:
@@ -165,7 +140,7 @@ def t0_probes(probes_dir) -> pd.DataFrame:
     return df[df["period"] == 0].reset_index(drop=True)
 
 
-def build_base_model(params: dict, texts: list[str], dev: torch.device | None = None):
+def build_base_model(params: dict, texts: list[str], dev: torch.device | None = None, state=None):
     """(model, tokenizer, log rows): a new GPT-2 trained on `texts`, or a loaded model,
     fine-tuned on them when `teach_t0`."""
     params = with_defaults(params)
@@ -180,9 +155,10 @@ def build_base_model(params: dict, texts: list[str], dev: torch.device | None = 
         model, tokenizer = load_model(params["name_or_path"], revision=params["revision"],
                                       gguf_file=params["gguf_file"] if params["source"] == "gguf" else None)
         steps = pre["steps"] if params["teach_t0"] else 0
+    rows = []
+    if steps:
+        model, rows = pretrain(model, tokenizer, texts, pre, state=state)
     model.to(dev or device())
-    rows = pretrain(model, tokenizer, texts, steps, pre["batch_size"], pre["lr"], pre["seq_len"],
-                    pre["seed"]) if steps else []
     model.eval()
     return model, tokenizer, rows
 
@@ -193,13 +169,13 @@ def _deterministic(dev: torch.device) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def run(params: dict, corpus, split, probes, out) -> None:
+def run(params: dict, corpus, split, probes, out, state=None) -> None:
     params = with_defaults(params)
     dev = device()
     _deterministic(dev)
     started = time.time()
     texts = t0_texts(split)
-    model, tokenizer, rows = build_base_model(params, texts, dev)
+    model, tokenizer, rows = build_base_model(params, texts, dev, state=state)
     steps = len(rows)
     train_time = time.time() - started
 
@@ -218,6 +194,8 @@ def run(params: dict, corpus, split, probes, out) -> None:
     }
     with atomic_output(out) as tmp:
         save_model(model, tokenizer, tmp / "model")
+        if state:
+            shutil.rmtree(state, ignore_errors=True)  # finished: the resumable state is spent
         pd.DataFrame(rows, columns=["step", "loss", "lr"]).to_csv(tmp / "train_log.csv", index=False)
         write_json(metrics, tmp / "metrics.json")
     acc = ", ".join(f"{k} top1={v['top1']:.3f} obj_ppl={v['object_ppl']:.2f} (n={v['n']})" for k, v in summary.items())

@@ -3,7 +3,7 @@
 Inputs: a checkpoint folder (`<dir>/model` if present, else `<dir>` itself: a merged
 model for LoRA, so a plain load works; a K-Adapter checkpoint is loaded with its
 adapters by `methods.load_checkpoint`), `probes/probes.parquet` (the period's probes,
-every set present) and `tagged/sequences.parquet` (the period's held-out split).
+every set present) and the token files (`gradloc tokens`: the period's held-out split).
 Outputs `scores.parquet` and `summary.json` (docs/formats.md).
 """
 
@@ -18,7 +18,8 @@ import torch
 from .io import InputError, atomic_output, read_table, write_json, write_parquet, merge_defaults
 from .methods import load_checkpoint
 from .models import checkpoint_dir
-from .scoring import PROBE_COLUMNS, perplexity, score_probes, summarize, text_logprob
+from .scoring import PROBE_COLUMNS, ids_logprob, perplexity, score_probes, summarize
+from .tokens import load as load_tokens
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +44,26 @@ def period_probes(probes_dir, period: int, max_per_set: int | None = None) -> pd
     return df.reset_index(drop=True)
 
 
-def heldout_texts(tagged_dir, period: int, max_sequences: int, seed: int = 0) -> list[str]:
-    path = Path(tagged_dir) / "sequences.parquet"
-    df = read_table(path, ["seq_id", "period", "split", "text"])
-    df = df[(df["period"] == int(period)) & (df["split"] == "heldout")]
+def heldout_ids(tokens_dir, period: int, max_sequences: int, seed: int = 0, tokenizer=None) -> list[list[int]]:
+    """The period's held-out sequences (a seeded sample of at most `max_sequences`, in
+    seq_id order) as the tokenizer's default encoding: leading special ids + text ids."""
+    toks = load_tokens(tokens_dir, tokenizer)
+    df = toks.select(period=int(period), split="heldout")
     if len(df) > max_sequences:
         df = df.sample(n=max_sequences, random_state=seed)
-    return df.sort_values("seq_id")["text"].astype(str).tolist()
+    lead = list(toks.meta["leading_special_ids"])
+    return [lead + d.tolist() for d in toks.docs_of(df.sort_values("seq_id"))]
 
 
-def evaluate_model(model, tokenizer, probes: pd.DataFrame, texts: list[str], batch_size: int) -> tuple[pd.DataFrame, dict]:
+def evaluate_model(model, tokenizer, probes: pd.DataFrame, heldout: list[list[int]], batch_size: int):
     scores = score_probes(model, tokenizer, probes, batch_size)
     summary = summarize(scores)
-    lp, n = text_logprob(model, tokenizer, texts, batch_size)
+    lp, n = ids_logprob(model, tokenizer, heldout, batch_size)
     summary["heldout_ppl"] = perplexity(lp, n)
     return scores, summary
 
 
-def run(params: dict, model, probes, tagged, period, out) -> None:
+def run(params: dict, model, probes, tokens, period, out) -> None:
     params = with_defaults(params)
     period = int(period)
     ckpt = checkpoint_dir(model)
@@ -69,7 +72,7 @@ def run(params: dict, model, probes, tagged, period, out) -> None:
     lm, tokenizer = load_checkpoint(ckpt)
     lm.to(device()).eval()
     probe_df = period_probes(probes, period, params["max_probes_per_set"])
-    texts = heldout_texts(tagged, period, params["heldout_max_sequences"])
+    texts = heldout_ids(tokens, period, params["heldout_max_sequences"], tokenizer=tokenizer)
     if probe_df.empty:
         log.warning("no probes for period %d in %s", period, probes)
     scores, summary = evaluate_model(lm, tokenizer, probe_df, texts, params["batch_size"])

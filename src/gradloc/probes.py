@@ -32,22 +32,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet, merge_defaults
+from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet
+from . import schema
 from .split import stable_unit
 from .tagging import alias_list
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"max_object_words": 5, "subject_cap": 0.01, "relation_cap": 0.05, "apply_caps": True,
-            "require_object_in_text": True, "drop_seen_statements": True, "max_per_set": None, "seed": 0}
 SETS = ("unchanged", "updated", "new", "outdated")
 FACT_COLUMNS = ["subject_id", "subject", "relation", "object"]
 PROBE_COLUMNS = ["probe_id", "period", "set", "subject_id", "subject", "relation", "object", "prefix", "statement"]
 
 
 def with_defaults(params: dict | None) -> dict:
-    p = merge_defaults(params, DEFAULTS, "probes params")
-    return p
+    return schema.fill("probes", params, where="probes")
 
 
 # --- probe sets from triples -----------------------------------------------------------------

@@ -175,7 +175,18 @@ def text_logprob(model, tokenizer, texts: list[str], batch_size: int = 32,
     """(sum of token log-probs, number of scored tokens) over texts; a text longer than
     the model's context is cut into windows, each scored after its first token."""
     max_len = model_max_length(model)
-    seqs = [w for t in texts for w in encode_text(tokenizer, t, max_len) if len(w) > 1]
+    return ids_logprob(model, tokenizer, [w for t in texts for w in encode_text(tokenizer, t, max_len)],
+                       batch_size, progress)
+
+
+def ids_logprob(model, tokenizer, seqs: list[list[int]], batch_size: int = 32,
+                progress: bool = True) -> tuple[float, int]:
+    """`text_logprob` of already tokenized texts (the default tokenization: leading
+    special ids included); a sequence longer than the model's context is cut into windows."""
+    max_len = model_max_length(model)
+    if max_len:
+        seqs = [s[i:i + max_len] for s in seqs for i in range(0, len(s), max_len)]
+    seqs = [s for s in seqs if len(s) > 1]
     if not seqs:
         return 0.0, 0
     lps, _ = token_logprobs(model, tokenizer, seqs, batch_size, "held-out" if progress else None)

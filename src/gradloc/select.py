@@ -20,28 +20,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .io import InputError, atomic_output, read_table, write_json, merge_defaults
+from . import schema
+from .io import InputError, atomic_output, read_table, write_json
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"granularity": "block", "rule": "mean", "k": None, "knowledge_types": ["new", "updated"],
-            "combine": "union", "alr_normalise": "mean"}
-CHOICES = {"granularity": ("block", "module"), "rule": ("mean", "topk"), "combine": ("union", "intersection"),
-           "alr_normalise": ("mean", "max")}
-
-
 def with_defaults(params: dict | None) -> dict:
-    params = merge_defaults(params, DEFAULTS, "select params")
-    for key, allowed in CHOICES.items():
-        if params[key] not in allowed:
-            raise InputError(f"select params: {key} must be one of {allowed}, got {params[key]!r}")
-    bad = [t for t in params["knowledge_types"] if t not in ("new", "updated", "unchanged")]
-    if bad or not params["knowledge_types"]:
-        raise InputError(f"select params: knowledge_types must be a non-empty subset of new/updated/unchanged, "
-                         f"got {params['knowledge_types']!r}")
-    if params["k"] is not None and (not isinstance(params["k"], int) or params["k"] < 1):
-        raise InputError(f"select params: k must be a positive integer, got {params['k']!r}")
-    return params
+    return schema.fill("select", params, where="select")
 
 
 def is_candidate(unit: str) -> bool:

@@ -18,11 +18,11 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from .io import InputError, atomic_output, read_json, read_table, require_columns, write_json, write_parquet, merge_defaults
+from .io import InputError, atomic_output, read_json, read_table, require_columns, write_json, write_parquet
+from . import schema
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"heldout_fraction": 0.1, "min_sentence_chars": 20, "seed": 0}
 # Sequences stay below this many characters (a few hundred tokens), so the model's
 # context and the tagger's spans see whole sentences rather than truncated ones.
 MAX_SEQ_CHARS = 1500
@@ -37,10 +37,7 @@ _PARAGRAPH = re.compile(r"\n\s*\n|\n")
 
 
 def with_defaults(params: dict | None) -> dict:
-    p = merge_defaults(params, DEFAULTS, "split params")
-    if not 0 <= float(p["heldout_fraction"]) < 0.5:
-        raise InputError(f"split params: heldout_fraction must be in [0, 0.5), got {p['heldout_fraction']}")
-    return p
+    return schema.fill("split", params, where="split")
 
 
 # --- reading the corpus -----------------------------------------------------------------

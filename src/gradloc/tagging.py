@@ -22,18 +22,17 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet, merge_defaults
+from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet
+from . import schema
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"min_alias_chars": 3, "case_sensitive": True}
 STATUSES = ("new", "updated", "unchanged")
 MENTION_COLUMNS = ["idx", "entity_id", "start", "end"]
 
 
 def with_defaults(params: dict | None) -> dict:
-    p = merge_defaults(params, DEFAULTS, "tagging params")
-    return p
+    return schema.fill("tagging", params, where="tagging")
 
 
 # --- mention finding ---------------------------------------------------------------------

@@ -2,7 +2,7 @@ rule evaluate:
     input:
         model=f"{R}/train/{{method}}/seed{{seed}}/P{{period}}",
         probes=rules.probes.output[0],
-        tagged=rules.tag.output[0],
+        tokens=rules.tokens.output[0],
     output:
         directory(f"{R}/eval/{{method}}/seed{{seed}}/P{{period}}"),
     params:
@@ -15,14 +15,14 @@ rule evaluate:
         "../../envs/train.yaml"
     shell:
         "python -m gradloc evaluate --params {params.p:q} --model {input.model} --probes {input.probes}"
-        " --tagged {input.tagged} --period {wildcards.period} --out {output} > {log} 2>&1"
+        " --tokens {input.tokens} --period {wildcards.period} --out {output} > {log} 2>&1"
 
 
 rule evaluate_base:
     input:
         model=rules.base_model.output[0],
         probes=rules.probes.output[0],
-        tagged=rules.tag.output[0],
+        tokens=rules.tokens.output[0],
     output:
         directory(f"{R}/eval/base/P{{period}}"),
     params:
@@ -35,4 +35,4 @@ rule evaluate_base:
         "../../envs/train.yaml"
     shell:
         "python -m gradloc evaluate --params {params.p:q} --model {input.model} --probes {input.probes}"
-        " --tagged {input.tagged} --period {wildcards.period} --out {output} > {log} 2>&1"
+        " --tokens {input.tokens} --period {wildcards.period} --out {output} > {log} 2>&1"

@@ -7,6 +7,8 @@ rule base_model:
         directory(f"{R}/base_model"),
     params:
         p=cfg("model"),
+        # Resumable state lives outside the output, which Snakemake deletes after a failure.
+        state=f"{R}/.train_state/base_model",
     log:
         f"{R}/logs/base_model.log",
     benchmark:
@@ -18,4 +20,20 @@ rule base_model:
         "../../envs/train.yaml"
     shell:
         "python -m gradloc base-model --params {params.p:q} --corpus {input.corpus} --split {input.split}"
-        " --probes {input.probes} --out {output} > {log} 2>&1"
+        " --probes {input.probes} --state {params.state} --out {output} > {log} 2>&1"
+
+
+rule tokens:
+    input:
+        model=rules.base_model.output[0],
+        tagged=rules.tag.output[0],
+    output:
+        directory(f"{R}/tokens"),
+    log:
+        f"{R}/logs/tokens.log",
+    benchmark:
+        f"{R}/benchmarks/tokens.tsv"
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m gradloc tokens --model {input.model} --tagged {input.tagged} --out {output} > {log} 2>&1"

@@ -1,7 +1,7 @@
 rule profile:
     input:
         model=rules.base_model.output[0],
-        tagged=rules.tag.output[0],
+        tokens=rules.tokens.output[0],
         probes=rules.probes.output[0],
     output:
         directory(f"{R}/profile"),
@@ -17,5 +17,5 @@ rule profile:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m gradloc profile --params {params.p:q} --model {input.model} --tagged {input.tagged}"
+        "python -m gradloc profile --params {params.p:q} --model {input.model} --tokens {input.tokens}"
         " --probes {input.probes} --out {output} > {log} 2>&1"

@@ -1,7 +1,7 @@
 rule train:
     input:
         init=previous_checkpoint,
-        tagged=rules.tag.output[0],
+        tokens=rules.tokens.output[0],
         selection=selection_input,
     output:
         directory(f"{R}/train/{{method}}/seed{{seed}}/P{{period}}"),
@@ -23,6 +23,6 @@ rule train:
     conda:
         "../../envs/train.yaml"
     shell:
-        "{params.launcher} train --params {params.p:q} --init {input.init} --tagged {input.tagged}"
+        "{params.launcher} train --params {params.p:q} --init {input.init} --tokens {input.tokens}"
         " {params.selection} --period {wildcards.period} --seed {wildcards.seed}"
         " --state {params.state} --gpus {resources.gpu} --out {output} > {log} 2>&1"

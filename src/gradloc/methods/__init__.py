@@ -6,7 +6,7 @@ A method is a combination of parts (config `train.methods.*`, defaults in the sc
   (`all` = DIFF, `tgl_fp`, `tgl_alr`, and the controls `random`/`first`/`last`);
 - an adapter: `lora` (PEFT, merged before saving) or `kadapter` (base frozen);
 - `recadam`: the optimizer;
-- `replay` (Mix-Review): data only, handled where the epoch is built;
+- `replay` (Mix-Review): data only, the base blocks `gradloc.train` mixes into each epoch;
 - `checkpoint`: save and load what evaluation and the next period read.
 
 `prepare()` turns a loaded model and a method into a `Prepared` (model to train plus
@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..engine import lm_loss
 from ..io import InputError
 from ..models import layer_units
 from ..schema import fill
@@ -102,14 +102,3 @@ def make_optimizer(prepared: Prepared, lr: float, weight_decay: float) -> torch.
     if "recadam" in prepared.method:
         return RecAdam(groups, lr=lr, **prepared.method["recadam"])
     return torch.optim.AdamW(groups, lr=lr, foreach=False)
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token loss mean_t(w_t * CE_t) over positions whose label is not -100; w = 1
-    without `weights` (per-token weights, e.g. CaMeLS, are indexed like `labels`)."""
-    target = labels[:, 1:]
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100,
-                         reduction="none").view_as(target)
-    mask = (target != -100).to(ce.dtype)
-    w = mask if weights is None else weights[:, 1:].to(ce.dtype) * mask
-    return (ce * w).sum() / mask.sum().clamp(min=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..engine import lm_loss
 from ..io import InputError
 from ..models import find_blocks
 
@@ -70,7 +71,6 @@ class KAdapterModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        from . import lm_loss  # the package's loss; imported here as the package imports this module
 
         out = self.base.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         a = 0
