@@ -11,7 +11,10 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from gradloc import evaluate
+import pytest
+
+from gradloc import cli, evaluate
+from gradloc.io import InputError
 from gradloc.models import save_model
 from gradloc.scoring import encode_probe, score_probes, summarize
 
@@ -133,7 +136,9 @@ def test_run_writes_scores_and_heldout_ppl(tmp_path):
     scores = pd.read_parquet(tmp_path / "eval" / "scores.parquet")
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert sorted(scores["probe_id"]) == sorted(f"p{i}" for i in range(8))
-    assert set(summary) == {"unchanged", "updated", "heldout_ppl"}
+    assert set(summary) == {"method", "seed", "period", "unchanged", "updated", "heldout_ppl"}
+    # no metrics.json in the checkpoint folder and nothing given: the base model
+    assert (summary["method"], summary["seed"], summary["period"]) == ("base", None, 1)
     # held-out perplexity by hand: period 1, split heldout -> texts a and b
     total, n = 0.0, 0
     for t in texts[:2]:
@@ -169,3 +174,32 @@ def test_k_adapter_checkpoint_is_scored_with_its_adapters(tmp_path):
     without = score_probes(model, tokenizer, probes, 4, progress=False)
     np.testing.assert_allclose(got["object_logprob"], with_adapters["object_logprob"], atol=1e-5)
     assert np.abs(got["object_logprob"] - without["object_logprob"]).max() > 1e-3
+
+
+def test_identity_from_args_then_metrics_json_then_base(tmp_path):
+    ckpt = tmp_path / "train" / "whatever"
+    ckpt.mkdir(parents=True)
+    assert evaluate.identity(ckpt, None, None) == ("base", None)
+    (ckpt / "metrics.json").write_text(json.dumps({"method": "full", "seed": 3, "period": 2}))
+    assert evaluate.identity(ckpt, None, None) == ("full", 3)
+    assert evaluate.identity(ckpt, "lora", None) == ("lora", 3)
+    assert evaluate.identity(ckpt, "lora", 7) == ("lora", 7)
+    (ckpt / "metrics.json").write_text(json.dumps({"method": "full", "seed": "three"}))
+    with pytest.raises(InputError, match=r"metrics\.json: key seed"):
+        evaluate.identity(ckpt, None, None)
+
+
+def test_cli_method_and_seed_are_optional():
+    base = ["evaluate", "--model", "m", "--probes", "p", "--tagged", "t", "--period", "2", "--out", "o"]
+    args = cli.build_parser().parse_args(base)
+    assert args.method is None and args.seed is None
+    args = cli.build_parser().parse_args(base + ["--method", "full", "--seed", "1"])
+    assert args.method == "full" and args.seed == 1
+    with pytest.raises(SystemExit):  # train's --seed stays required
+        cli.build_parser().parse_args(["train", "--init", "i", "--tagged", "t", "--period", "1", "--out", "o"])
+
+
+def test_params_are_checked_against_the_schema():
+    assert evaluate.with_defaults({}) == {"batch_size": 32, "heldout_max_sequences": 200, "max_probes_per_set": None}
+    with pytest.raises(InputError, match="evaluate params.*batch_sise"):
+        evaluate.with_defaults({"batch_sise": 4})

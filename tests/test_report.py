@@ -1,5 +1,6 @@
 """`gradloc report`: exact table numbers (mean, std, uptake, forgetting) for a hand-made
-case, the Markdown, non-blank figures, determinism and errors on bad input."""
+case, the Markdown, non-blank figures, determinism, method/seed/period from the files
+(not folder names), other probe sets (TemporalWiki's `changed`) and errors on bad input."""
 
 import json
 import math
@@ -11,6 +12,7 @@ import pandas as pd
 import pytest
 
 from gradloc import cli, report
+from gradloc.report import figures
 from gradloc.io import InputError
 
 SETS = ("unchanged", "updated", "new", "outdated")
@@ -32,10 +34,10 @@ METHOD = {
 }
 
 
-def write_eval(folder, ppl, top1, heldout):
+def write_eval(folder, ppl, top1, heldout, method, seed, period, sets=SETS):
     folder.mkdir(parents=True)
-    summary = {s: {"object_ppl": ppl[s], "statement_ppl": ppl[s] / 2, "top1": top1[s], "n": 10} for s in SETS}
-    summary["heldout_ppl"] = heldout
+    summary = {s: {"object_ppl": ppl[s], "statement_ppl": ppl[s] / 2, "top1": top1[s], "n": 10} for s in sets}
+    summary.update(heldout_ppl=heldout, method=method, seed=seed, period=period)
     (folder / "summary.json").write_text(json.dumps(summary))
     # scores.parquet is part of the format; the report reads only the summary.
     pd.DataFrame({"probe_id": ["p0"], "set": ["new"], "object_logprob": [-1.0], "object_tokens": [1],
@@ -50,7 +52,8 @@ def write_train(folder, method, seed, period):
     pd.DataFrame({"step": steps, "epoch": 0, "loss": loss, "lr": 1e-3, "tokens_per_s": 1000.0}).to_csv(
         folder / "log.csv", index=False)
     (folder / "metrics.json").write_text(json.dumps(
-        {"method": method, "trainable_params": 1000 * len(method), "wall_time_s": 2.0 + seed}))
+        {"method": method, "seed": seed, "period": period, "trainable_params": 1000 * len(method),
+         "wall_time_s": 2.0 + seed}))
 
 
 def write_profile(folder):
@@ -72,13 +75,13 @@ def inputs(tmp_path):
     root = tmp_path / "results"
     evals, trains = [], []
     for p, b in BASE.items():
-        write_eval(root / "eval" / "base" / f"P{p}", b["ppl"], b["top1"], b["heldout"])
+        write_eval(root / "eval" / "base" / f"P{p}", b["ppl"], b["top1"], b["heldout"], "base", None, p)
         evals.append(str(root / "eval" / "base" / f"P{p}"))
     for (method, seed, p), (unch, upd, new, new_top1) in METHOD.items():
         ppl = {"unchanged": unch, "updated": upd, "new": new, "outdated": 25.0}
         top1 = {**BASE[p]["top1"], "new": new_top1}
         folder = root / "eval" / method / f"seed{seed}" / f"P{p}"
-        write_eval(folder, ppl, top1, heldout=28.0 + seed)
+        write_eval(folder, ppl, top1, 28.0 + seed, method, seed, p)
         evals.append(str(folder))
         write_train(root / "train" / method / f"seed{seed}" / f"P{p}", method, seed, p)
         trains.append(str(root / "train" / method / f"seed{seed}" / f"P{p}"))
@@ -193,7 +196,7 @@ def test_cli_and_heatmap_fallback(inputs, tmp_path):
     profile = tmp_path / "profile_png"
     profile.mkdir()
     src = f"{inputs['out']}_src.png"
-    report.plot_heatmap(pd.read_csv(f"{inputs['profile']}/relative.csv"), src, 40)
+    figures.heatmap(pd.read_csv(f"{inputs['profile']}/relative.csv"), src, 40)
     (profile / "heatmap.png").write_bytes(open(src, "rb").read())
     argv = ["report", "--params", '{"dpi": 40}', "--evals", *inputs["evals"], "--trains", *inputs["trains"],
             "--profile", str(profile), "--base-model", inputs["base_model"], "--out", inputs["out"]]
@@ -211,17 +214,20 @@ def test_missing_summary_is_named(inputs):
 def test_errors(inputs, tmp_path):
     with pytest.raises(InputError, match="no eval folders"):
         report.run({}, **{**inputs, "evals": []})
-    with pytest.raises(InputError, match="P<period>"):
+    with pytest.raises(InputError, match=r"seed0/summary\.json: file not found"):
         report.run({}, **{**inputs, "evals": [str(tmp_path / "eval" / "full" / "seed0")]})
     with pytest.raises(InputError, match="duplicate"):
         report.run({}, **{**inputs, "evals": inputs["evals"] + inputs["evals"][:1]})
     bad = tmp_path / "eval" / "bad" / "seed0" / "P1"
     bad.mkdir(parents=True)
-    (bad / "summary.json").write_text(json.dumps({"new": {"object_ppl": "high"}}))
+    (bad / "summary.json").write_text(json.dumps({"method": "bad", "seed": 0, "period": 1,
+                                                  "new": {"object_ppl": "high"}}))
     with pytest.raises(InputError, match=r"new\.object_ppl"):
         report.run({}, **{**inputs, "evals": [str(bad)]})
-    with pytest.raises(InputError, match="primary_metric"):
+    with pytest.raises(InputError, match="report params.primary_metric"):
         report.run({"primary_metric": "bleu"}, **inputs)
+    with pytest.raises(InputError, match="report params.*'titel'"):  # a typo is an error, not ignored
+        report.run({"titel": "x"}, **inputs)
     assert not (tmp_path / "report").exists()  # nothing half-written
 
 
@@ -240,3 +246,60 @@ def test_missing_set_and_nan_stay_empty(inputs):
     assert full1["uptake_new_mean"] == pytest.approx(math.log(80) - (math.log(50) + math.log(54)) / 2)
     md = open(f"{inputs['out']}/table.md").read()
     assert "| full | 1 | 2 | 13.000 ± 1.414 | 31.000 ± 1.414 | 52.000 ± 2.828 | – |" in md.replace("**", "")
+
+
+def test_identity_comes_from_the_files_not_the_folder_names(inputs, tmp_path):
+    run_report(inputs)
+    expected = open(f"{inputs['out']}/table.csv", "rb").read()
+    # Every folder renamed (in reverse order, so no name hints at its content), and one
+    # named as if it held full/seed0/P1 while its summary.json says
+    # tgl_fp+mix_review, seed 1, period 2: the table is the same.
+    liar = next(e for e in inputs["evals"] if e.endswith("tgl_fp+mix_review/seed1/P2"))
+    renamed = {"evals": [], "trains": []}
+    for kind in renamed:
+        for i, folder in enumerate(inputs[kind]):
+            dest = tmp_path / "elsewhere" / kind / f"run-{len(inputs[kind]) - i:02d}"
+            if folder == liar:
+                dest = tmp_path / "elsewhere" / "eval" / "full" / "seed0" / "P1"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(folder, dest)
+            renamed[kind].append(str(dest))
+    out = tmp_path / "renamed"
+    report.run({"dpi": 40}, **{**inputs, **renamed, "out": str(out)})
+    assert open(out / "table.csv", "rb").read() == expected
+
+
+@pytest.mark.parametrize("kind,name", [("evals", "summary.json"), ("trains", "metrics.json")])
+def test_missing_identity_is_named(inputs, kind, name):
+    folder = inputs[kind][3]
+    data = json.load(open(f"{folder}/{name}"))
+    del data["seed"], data["period"]
+    open(f"{folder}/{name}", "w").write(json.dumps(data))
+    with pytest.raises(InputError, match=rf"{folder}/{name}: missing key\(s\) \['seed', 'period'\]"):
+        report.run({}, **inputs)
+
+
+def test_changed_set_counts_as_uptake(tmp_path):
+    # TemporalWiki without base evidence: one merged `changed` set, no new / updated.
+    root, evals = tmp_path / "results", []
+    sets = ("unchanged", "changed")
+    for method, seed, changed, unch in [("base", None, 50.0, 10.0), ("full", 0, 20.0, 12.0), ("full", 1, 25.0, 11.0)]:
+        folder = root / "eval" / f"{method}{seed}"
+        write_eval(folder, {"unchanged": unch, "changed": changed}, {"unchanged": 0.5, "changed": 0.1 + (seed or 0)},
+                   30.0, method, seed, 1, sets=sets)
+        evals.append(str(folder))
+    write_profile(root / "profile")
+    (root / "base_model").mkdir()
+    (root / "base_model" / "metrics.json").write_text("{}")
+    inputs = {"evals": evals, "trains": [], "profile": str(root / "profile"), "base_model": str(root / "base_model"),
+              "out": str(tmp_path / "report")}
+    table = run_report(inputs)
+    full1, ln = row(table, "full", 1), math.log
+    assert full1["uptake_changed_mean"] == pytest.approx(ln(50) - (ln(20) + ln(25)) / 2)
+    assert full1["uptake_mean"] == pytest.approx(full1["uptake_changed_mean"])  # the only uptake set
+    assert math.isnan(full1["uptake_new_mean"]) and math.isnan(full1["uptake_updated_mean"])
+    assert full1["top1_gain_changed_mean"] == pytest.approx(0.5)
+    assert full1["forgetting_mean"] == pytest.approx((ln(12) + ln(11)) / 2 - ln(10))
+    md = open(f"{inputs['out']}/table.md").read()
+    assert "changed object_ppl" in md and "uptake changed" in md
+    assert "**uptake** = uptake changed (the only such set evaluated)" in md

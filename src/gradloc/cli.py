@@ -42,14 +42,18 @@ STAGES = {
                                 ("out", "output folder")]),
     "evaluate": ("gradloc.evaluate", [("model", "checkpoint folder"), ("probes", "probes folder"),
                                       ("tokens", "tokens folder"), ("period", "update period index"),
-                                      ("out", "output folder")]),
+                                      ("out", "output folder"),
+                                      ("method", "method name written into summary.json (default: the "
+                                                  "checkpoint's metrics.json, else base)"),
+                                      ("seed", "training seed written into summary.json (default: the "
+                                                "checkpoint's metrics.json, else none)")]),
     "report": ("gradloc.report", [("evals", "evaluation folders (list)"), ("trains", "training folders (list)"),
                                   ("profile", "profile folder"), ("base_model", "base model folder"),
                                   ("out", "output folder")]),
 }
 LIST_ARGS = {"evals", "trains"}
 INT_ARGS = {"period", "seed", "gpus"}
-OPTIONAL_ARGS = {"selection", "state", "gpus"}
+OPTIONAL_ARGS = {"selection", "state", "gpus", ("evaluate", "method"), ("evaluate", "seed")}  # name or (stage, name)
 
 
 def parse_params(text: str) -> dict:
@@ -70,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
         p.add_argument("--params", default="{}", help="config slice as JSON, or @file.json/@file.yaml")
         for name, help_ in args:
-            kw = {"nargs": "*", "default": []} if name in LIST_ARGS else {"required": name not in OPTIONAL_ARGS}
+            kw = {"nargs": "*", "default": []} if name in LIST_ARGS else {
+                "required": name not in OPTIONAL_ARGS and (stage, name) not in OPTIONAL_ARGS}
             if name in INT_ARGS:
                 kw["type"] = int
             p.add_argument(f"--{name.replace('_', '-')}", dest=name, help=help_, **kw)

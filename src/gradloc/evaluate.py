@@ -4,7 +4,8 @@ Inputs: a checkpoint folder (`<dir>/model` if present, else `<dir>` itself: a me
 model for LoRA, so a plain load works; a K-Adapter checkpoint is loaded with its
 adapters by `methods.load_checkpoint`), `probes/probes.parquet` (the period's probes,
 every set present) and the token files (`gradloc tokens`: the period's held-out split).
-Outputs `scores.parquet` and `summary.json` (docs/formats.md).
+Outputs `scores.parquet` and `summary.json` (docs/formats.md), which names what was
+evaluated (`method`, `seed`, `period`) so the report never reads it from folder names.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .io import InputError, atomic_output, read_table, write_json, write_parquet, merge_defaults
+from . import schema
+from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet
 from .methods import load_checkpoint
 from .models import checkpoint_dir
 from .scoring import PROBE_COLUMNS, ids_logprob, perplexity, score_probes, summarize
@@ -23,11 +25,32 @@ from .tokens import load as load_tokens
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"batch_size": 32, "heldout_max_sequences": 200, "max_probes_per_set": None}
+BASE = "base"  # the method name of the base model, which has no seed
 
 
 def with_defaults(params: dict | None) -> dict:
-    return merge_defaults(params, DEFAULTS, "evaluate params")
+    """Params validated against the config schema's `evaluate` section, defaults filled."""
+    return schema.fill("evaluate", params, where="evaluate params")
+
+
+def identity(ckpt_folder, method: str | None, seed: int | None) -> tuple[str, int | None]:
+    """(method, seed) of a checkpoint: as given, else from the folder's metrics.json
+    (train writes `method` and `seed` there), else the base model (`base`, no seed)."""
+    if method is not None and seed is not None:
+        return method, seed
+    path = Path(ckpt_folder) / "metrics.json"
+    metrics = read_json(path) if path.exists() else {}
+    if not isinstance(metrics, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    if method is None:
+        method = metrics.get("method", BASE)
+        if not isinstance(method, str) or not method:
+            raise InputError(f"{path}: key method must be a non-empty string, got {method!r}")
+    if seed is None:
+        seed = metrics.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise InputError(f"{path}: key seed must be an integer, got {seed!r}")
+    return method, seed
 
 
 def device() -> torch.device:
@@ -63,12 +86,16 @@ def evaluate_model(model, tokenizer, probes: pd.DataFrame, heldout: list[list[in
     return scores, summary
 
 
-def run(params: dict, model, probes, tokens, period, out) -> None:
+def run(params: dict, model, probes, tokens, period, out, method: str | None = None,
+        seed: int | None = None) -> None:
+    """`method`/`seed` name the checkpoint in summary.json; when not given they come from
+    the checkpoint folder's metrics.json (see `identity`)."""
     params = with_defaults(params)
     period = int(period)
     ckpt = checkpoint_dir(model)
     if not Path(ckpt).exists():
         raise InputError(f"{ckpt}: checkpoint folder not found")
+    method, seed = identity(model, method, seed)
     lm, tokenizer = load_checkpoint(ckpt)
     lm.to(device()).eval()
     probe_df = period_probes(probes, period, params["max_probes_per_set"])
@@ -76,10 +103,11 @@ def run(params: dict, model, probes, tokens, period, out) -> None:
     if probe_df.empty:
         log.warning("no probes for period %d in %s", period, probes)
     scores, summary = evaluate_model(lm, tokenizer, probe_df, texts, params["batch_size"])
+    summary = {"method": method, "seed": seed, "period": period, **summary}
     with atomic_output(out) as tmp:
         write_parquet(scores, tmp / "scores.parquet")
         write_json(summary, tmp / "summary.json")
     sets = ", ".join(f"{k}: n={v['n']} top1={v['top1']:.3f} obj_ppl={v['object_ppl']:.2f}"
                      for k, v in summary.items() if isinstance(v, dict))
-    log.info("evaluate %s P%d: %d probes (%s); held-out ppl %.2f on %d sequences",
-             ckpt, period, len(scores), sets or "none", summary["heldout_ppl"], len(texts))
+    log.info("evaluate %s (%s, seed %s) P%d: %d probes (%s); held-out ppl %.2f on %d sequences",
+             ckpt, method, seed, period, len(scores), sets or "none", summary["heldout_ppl"], len(texts))

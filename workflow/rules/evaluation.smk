@@ -15,7 +15,8 @@ rule evaluate:
         "../../envs/train.yaml"
     shell:
         "python -m gradloc evaluate --params {params.p:q} --model {input.model} --probes {input.probes}"
-        " --tokens {input.tokens} --period {wildcards.period} --out {output} > {log} 2>&1"
+        " --tokens {input.tokens} --period {wildcards.period} --method {wildcards.method}"
+        " --seed {wildcards.seed} --out {output} > {log} 2>&1"
 
 
 rule evaluate_base:
@@ -35,4 +36,4 @@ rule evaluate_base:
         "../../envs/train.yaml"
     shell:
         "python -m gradloc evaluate --params {params.p:q} --model {input.model} --probes {input.probes}"
-        " --tokens {input.tokens} --period {wildcards.period} --out {output} > {log} 2>&1"
+        " --tokens {input.tokens} --period {wildcards.period} --method base --out {output} > {log} 2>&1"

@@ -1,0 +1,53 @@
+"""Stage 7b: the report. Gathers every evaluation, training log and the gradient profile
+into one table (CSV + Markdown) and three figures.
+
+- `table`: inputs as DataFrames (method, seed and period from each summary.json and
+  train metrics.json) and every table computation, plain pandas; definitions there.
+- `markdown`: table.md.
+- `figures`: heatmap, uptake vs forgetting, training curves (the only matplotlib).
+This module reads the inputs, calls those, and writes the outputs atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .. import schema
+from ..io import InputError, atomic_output, read_json
+from . import markdown, table  # figures (matplotlib) is imported in run() only
+
+log = logging.getLogger(__name__)
+
+FLOAT_FORMAT = "%.10g"  # enough digits for any ppl, none of the 0.30000000000000004 noise
+
+
+def run(params: dict, evals: list, trains: list, profile, base_model, out) -> None:
+    from . import figures
+
+    params = schema.fill("report", params, where="report params")
+    primary = params["primary_metric"]
+    dpi = params["dpi"]
+
+    evals_df, order = table.load_evals(evals)
+    logs, costs = table.read_trains(trains)
+    base_metrics_path = Path(base_model) / "metrics.json"
+    base_metrics = read_json(base_metrics_path)
+    if not isinstance(base_metrics, dict):
+        raise InputError(f"{base_metrics_path}: expected a JSON object")
+    sets, averaged = table.probe_sets(evals_df), table.uptake_sets(evals_df)
+    result = table.build_table(evals_df, order, primary, costs)
+
+    with atomic_output(out) as tmp:
+        # Plain "\n" and a fixed float format: the same inputs give the same bytes.
+        result.to_csv(tmp / "table.csv", index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+        text = markdown.markdown(result, primary, params["title"], base_metrics, sets, averaged)
+        (tmp / "table.md").write_text(text + "\n")
+        figures.render_heatmap(profile, tmp / "heatmap.png", dpi)
+        figures.tradeoff(result, order, primary, tmp / "tradeoff.png", dpi, averaged)
+        figures.curves(logs, order, tmp / "curves.png", dpi)
+
+    n_seeds = evals_df.loc[evals_df["method"] != table.BASE, "seed"].nunique()
+    log.info("report: %d methods (incl. base), %d periods, %d seeds, %d eval folders, %d train logs -> %s "
+             "(table %d rows, 3 figures)", len(order), evals_df["period"].nunique(), n_seeds, len(evals_df),
+             logs.groupby(["method", "seed", "period"]).ngroups if not logs.empty else 0, out, len(result))

@@ -1,0 +1,127 @@
+"""table.md: the definitions of every number, then the table per period and averaged."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from .table import ALL_PERIODS, SETS, gain_sets, is_ppl
+
+SET_TEXT = {
+    "unchanged": "`unchanged` (facts true before and after the update)",
+    "updated": "`updated` (changed facts of known entities)",
+    "new": "`new` (facts of entities first seen in this period)",
+    "outdated": "`outdated` (the replaced old facts)",
+    "changed": "`changed` (new and updated facts together, where the corpus does not tell them apart)",
+}
+
+
+def fmt(x: float, integer: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if integer:
+        return f"{x:,.0f}"
+    return f"{x:.1f}" if abs(x) >= 100 else f"{x:.3f}"
+
+
+def cell(row, col: str) -> str:
+    integer = col == "trainable_params"
+    text = fmt(row[f"{col}_mean"], integer)
+    if not math.isnan(row[f"{col}_std"]):
+        text += f" ± {fmt(row[f'{col}_std'], integer)}"
+    return f"**{text}**" if col in row["best"].split(";") else text
+
+
+def md_table(table: pd.DataFrame, columns: list[tuple[str, str]]) -> list[str]:
+    head = ["method", "period", "n"] + [label for _, label in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in table.iterrows():
+        cells = [row["method"], row["period"], str(row["n_seeds"])] + [cell(row, c) for c, _ in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _uptake_text(averaged) -> str:
+    if list(averaged) == ["new", "updated"]:
+        return "mean of uptake new and uptake updated (each kind of knowledge weighs the same)."
+    if not averaged:
+        return "empty (no `new`, `updated` or `changed` probes were evaluated)."
+    if len(averaged) == 1:
+        return f"uptake {averaged[0]} (the only such set evaluated)."
+    return "mean of " + " and ".join(f"uptake {s}" for s in averaged) + " (each set weighs the same)."
+
+
+def definitions(primary: str, sets=SETS, averaged=("new", "updated")) -> list[str]:
+    """The header text of table.md: what every number means."""
+    lower = is_ppl(primary)
+    up = f"ln(base {primary}) − ln(method {primary}), in nats per token" if lower else f"method − base {primary}"
+    forget = f"ln(method {primary}) − ln(base {primary})" if lower else f"base − method {primary}"
+    described = ", ".join(SET_TEXT.get(s, f"`{s}`") for s in sets)
+    extra_gains = [s for s in gain_sets(sets) if s not in ("new", "updated")]
+    lines = [
+        f"Primary metric: `{primary}` ({'lower' if lower else 'higher'} is better). Every cell is the mean ± sample "
+        "standard deviation (ddof 1) over training seeds; `n` is the number of seeds (no ± with one seed). "
+        f"Probe sets: {described}.",
+        "",
+        f"- **uptake new / updated** = {up} on that period's `new` / `updated` probes, where *base* is the base "
+        "model (before any continual training) evaluated on the same period's probes; positive = learned.",
+        *(f"- **uptake {s}** = the same on the `{s}` probes." for s in extra_gains),
+        f"- **uptake** = {_uptake_text(list(averaged))}",
+        f"- **forgetting** = {forget} on the `unchanged` probes; positive = forgot.",
+    ]
+    if primary != "top1":
+        lines.append("- **top1 gain new / updated** = method − base top1 accuracy on `new` / `updated`; "
+                     "**top1 forgetting** = base − method top1 on `unchanged`.")
+        lines += [f"- **top1 gain {s}** = the same on `{s}`." for s in extra_gains]
+    return lines + [
+        "- **held-out ppl**: perplexity on the period's held-out diff sequences.",
+        "- **trainable params**, **wall time (s)**: from each training run's `metrics.json` (not ranked).",
+        "- Derived numbers are computed per seed, then averaged; period `all` rows average each seed over the "
+        "periods first, then over seeds. The base model's derived numbers are 0 by definition.",
+        "- **Bold**: the best method of that period in that column (the base model is not ranked; the `outdated` "
+        "columns are not ranked, since keeping an old fact is neither clearly good nor bad).",
+    ]
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as dotted keys: {"t0_probes": {"unchanged": {"top1": x}}} -> {"t0_probes.unchanged.top1": x}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def base_model_lines(metrics: dict) -> list[str]:
+    """Scalar entries of base_model/metrics.json (its T0 probe accuracy among them), for context."""
+    items = [(k, v) for k, v in sorted(flatten(metrics).items())
+             if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+    if not items:
+        return []
+    return ["Base model (`base_model/metrics.json`): " + ", ".join(
+        f"{k} = {fmt(v) if isinstance(v, float) else v}" for k, v in items) + "."]
+
+
+def markdown(table: pd.DataFrame, primary: str, title: str, base_metrics: dict, sets=SETS,
+             averaged=("new", "updated")) -> str:
+    """The whole table.md; `sets` are the table's probe sets, `averaged` those in `uptake`."""
+    gains = gain_sets(sets)
+    main_cols = [(f"{s}_{primary}", f"{s} {primary}") for s in sets] + [
+        (f"uptake_{s}", f"uptake {s}") for s in gains] + [
+        ("uptake", "uptake"), ("forgetting", "forgetting"), ("heldout_ppl", "held-out ppl")]
+    top1_cols = [(f"{s}_top1", f"{s} top1") for s in sets] + [
+        (f"top1_gain_{s}", f"top1 gain {s}") for s in gains] + [("top1_forgetting", "top1 forgetting")]
+    cost_cols = [("trainable_params", "trainable params"), ("wall_time_s", "wall time (s)")]
+    context = base_model_lines(base_metrics)
+    lines = [f"# {title}", "", *definitions(primary, sets, averaged), "", *context, *([""] if context else [])]
+    per_period = table[table["period"] != ALL_PERIODS]
+    summary = table[table["period"] == ALL_PERIODS]
+    for heading, part in (("Per period", per_period), ("Per method, averaged over periods", summary)):
+        lines += [f"## {heading}: {primary}", ""] + md_table(part, main_cols) + [""]
+        if primary != "top1":
+            lines += [f"## {heading}: top1", ""] + md_table(part, top1_cols) + [""]
+        lines += [f"## {heading}: training cost", ""] + md_table(part, cost_cols) + [""]
+    return "\n".join(lines)
