@@ -1,20 +1,16 @@
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
+
+from helpers import snakemake  # noqa: E402
 
 
 def run_snakemake(*args, results, check=True, timeout=1200):
     """Run snakemake on this checkout with results under `results`; return the process."""
-    cmd = [sys.executable, "-m", "snakemake", *args, "--config", f"results={results}"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
-    return r
+    return snakemake(*args, "--config", f"results={results}", check=check, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,15 @@
 """Config validation: the three shipped configs pass, typos and bad values fail naming the key."""
 
 import copy
-import subprocess
-import sys
-from pathlib import Path
+import json
 
 import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from gradloc import cli, schema
+from helpers import ROOT, snakemake
+
 SCHEMA = yaml.safe_load((ROOT / "src/gradloc/config.schema.yaml").read_text())
 CONFIGS = ["config", "test", "paper"]
 
@@ -70,8 +70,6 @@ def test_defaults_are_filled_in():
     assert config["train"]["methods"]["lora"]["lora"] == {"r": 4, "alpha": 16, "dropout": 0.0, "targets": "attention"}
 
 
-def snakemake(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -92,6 +90,44 @@ def test_typo_fails_before_any_job(tmp_path):
     assert r.returncode != 0
     assert "profile: Additional properties are not allowed ('n_sequence' was unexpected)" in r.stdout + r.stderr
     assert not (tmp_path / "r").exists()
+
+
+def stage_argv(stage: str, params: dict) -> list[str]:
+    """`gradloc STAGE --params PARAMS` with every required argument pointing nowhere: the
+    params are checked before any input is read."""
+    argv = [stage, "--params", json.dumps(params)]
+    for name, _ in cli.STAGES[stage][1]:
+        flag = f"--{name.replace('_', '-')}"
+        argv += [flag, "1"] if name in cli.INT_ARGS else [flag, f"/nonexistent/{name}"]
+    return argv
+
+
+@pytest.mark.parametrize("stage", list(cli.STAGES))
+def test_every_stage_cli_names_an_unknown_key(stage, capsys):
+    assert cli.main(stage_argv(stage, {"bogus_key": 1})) == 2
+    err = capsys.readouterr().err
+    assert f"gradloc {stage}: error:" in err and "'bogus_key'" in err
+
+
+@pytest.mark.parametrize("params, where", [
+    ({"common": {"lr": 1e-3, "bogus_key": 1}}, "train: unknown key(s) ['bogus_key']"),
+    ({"method": {"lora": {"rank": 4}}}, "method.lora: unknown key(s) ['rank']"),
+])
+def test_train_cli_names_a_nested_unknown_key(params, where, capsys):
+    assert cli.main(stage_argv("train", params)) == 2
+    assert where in capsys.readouterr().err
+
+
+def test_hand_run_fills_the_same_defaults_as_snakemake():
+    """A stage run by hand gets exactly the defaults Snakemake's validation fills in."""
+    from snakemake.utils import validate
+
+    config = {"data": {"source": "synthetic"}, "train": {"methods": {"full": {}}}}
+    validate(config, str(ROOT / "src/gradloc/config.schema.yaml"), set_default=True)
+    for section in ("split", "tagging", "probes", "model", "profile", "select", "evaluate", "report"):
+        assert schema.fill(section, {}) == config[section], section
+    assert schema.fill("data.synthetic", {}) == config["data"]["synthetic"]
+    assert schema.fill("$defs.method", {}) == config["train"]["methods"]["full"]
 
 
 def test_lint_is_clean():

@@ -14,6 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 import pytest
 
 from gradloc import cli, evaluate
+from helpers import make_tokens, tiny_gpt2, word_tokenizer
 from gradloc.io import InputError
 from gradloc.models import save_model
 from gradloc.scoring import encode_probe, score_probes, summarize
@@ -23,12 +24,8 @@ WORDS = ["<eos>", "<unk>"] + [f"w{i}" for i in range(40)]
 
 
 def tiny():
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(WORDS), n_positions=32))
+    tokenizer = word_tokenizer(WORDS)
+    model = tiny_gpt2(len(WORDS), n_positions=32)
     return model.eval(), tokenizer
 
 
@@ -130,9 +127,10 @@ def test_run_writes_scores_and_heldout_ppl(tmp_path):
                          "origin": "diff", "text": texts, "knowledge_type": "none"})
     (tmp_path / "tagged").mkdir()
     seqs.to_parquet(tmp_path / "tagged" / "sequences.parquet")
+    make_tokens(tmp_path / "ckpt", tmp_path / "tagged", tmp_path / "tokens")
 
     evaluate.run({"batch_size": 3}, model=tmp_path / "ckpt", probes=tmp_path / "probes",
-                 tagged=tmp_path / "tagged", period=1, out=tmp_path / "eval")
+                 tokens=tmp_path / "tokens", period=1, out=tmp_path / "eval")
     scores = pd.read_parquet(tmp_path / "eval" / "scores.parquet")
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert sorted(scores["probe_id"]) == sorted(f"p{i}" for i in range(8))
@@ -167,7 +165,8 @@ def test_k_adapter_checkpoint_is_scored_with_its_adapters(tmp_path):
     (tmp_path / "tagged").mkdir()
     pd.DataFrame({"seq_id": ["a"], "period": [1], "split": ["heldout"], "doc_id": "x", "origin": "diff",
                   "text": ["w1 w2 w3"], "knowledge_type": "none"}).to_parquet(tmp_path / "tagged" / "sequences.parquet")
-    evaluate.run({}, model=tmp_path / "ka", probes=tmp_path / "probes", tagged=tmp_path / "tagged", period=1,
+    make_tokens(tmp_path / "ka", tmp_path / "tagged", tmp_path / "tokens")
+    evaluate.run({}, model=tmp_path / "ka", probes=tmp_path / "probes", tokens=tmp_path / "tokens", period=1,
                  out=tmp_path / "eval")
     got = pd.read_parquet(tmp_path / "eval" / "scores.parquet")
     with_adapters = score_probes(ka, tokenizer, probes, 4, progress=False)
@@ -190,13 +189,13 @@ def test_identity_from_args_then_metrics_json_then_base(tmp_path):
 
 
 def test_cli_method_and_seed_are_optional():
-    base = ["evaluate", "--model", "m", "--probes", "p", "--tagged", "t", "--period", "2", "--out", "o"]
+    base = ["evaluate", "--model", "m", "--probes", "p", "--tokens", "t", "--period", "2", "--out", "o"]
     args = cli.build_parser().parse_args(base)
     assert args.method is None and args.seed is None
     args = cli.build_parser().parse_args(base + ["--method", "full", "--seed", "1"])
     assert args.method == "full" and args.seed == 1
     with pytest.raises(SystemExit):  # train's --seed stays required
-        cli.build_parser().parse_args(["train", "--init", "i", "--tagged", "t", "--period", "1", "--out", "o"])
+        cli.build_parser().parse_args(["train", "--init", "i", "--tokens", "t", "--period", "1", "--out", "o"])
 
 
 def test_params_are_checked_against_the_schema():

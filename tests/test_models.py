@@ -115,12 +115,9 @@ def test_unit_layer():
 
 
 def test_save_load_roundtrip(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from helpers import char_tokenizer
 
-    vocab = {"<eos>": 0, **{chr(97 + i): i + 1 for i in range(26)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    tokenizer = char_tokenizer()
     model = build("gpt2")
     save_model(model, tokenizer, tmp_path / "m")
     model2, tokenizer2 = load_model(tmp_path / "m")

@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig,
-                          PreTrainedTokenizerFast)
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+
+from helpers import make_tokens, word_tokenizer
 
 from gradloc import profile
 from gradloc.models import layer_units, save_model
@@ -95,10 +95,7 @@ def test_tied_embedding_cross_term_matters():
 
 
 def tokenizer():
-    vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i + 2 for i in range(V - 2)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    return word_tokenizer(["<eos>", "<unk>"] + [f"w{i}" for i in range(V - 2)])
 
 
 def write_inputs(tmp_path):
@@ -114,13 +111,14 @@ def write_inputs(tmp_path):
     pd.DataFrame(rows).to_parquet(tmp_path / "tagged" / "sequences.parquet")
     model = build("gpt2")
     save_model(model, tokenizer(), tmp_path / "base" / "model")
+    make_tokens(tmp_path / "base", tmp_path / "tagged", tmp_path / "tokens")
     return model
 
 
 def test_run_outputs(tmp_path):
     write_inputs(tmp_path)
     params = {"n_sequences": 5, "batch_size": 4, "seq_len": 8, "bootstrap": 50}
-    profile.run(params, model=tmp_path / "base", tagged=tmp_path / "tagged", probes=tmp_path / "none",
+    profile.run(params, model=tmp_path / "base", tokens=tmp_path / "tokens", probes=tmp_path / "none",
                 out=tmp_path / "profile")
     norms = pd.read_parquet(tmp_path / "profile" / "norms.parquet")
     rel = pd.read_csv(tmp_path / "profile" / "relative.csv")
@@ -141,7 +139,7 @@ def test_run_outputs(tmp_path):
         assert abs(r.rel - expect) < 1e-9 and r.lo <= r.rel <= r.hi
     assert (tmp_path / "profile" / "heatmap.png").stat().st_size > 1000
     # same params, same numbers
-    profile.run(params, model=tmp_path / "base", tagged=tmp_path / "tagged", probes=tmp_path / "none",
+    profile.run(params, model=tmp_path / "base", tokens=tmp_path / "tokens", probes=tmp_path / "none",
                 out=tmp_path / "profile2")
     pd.testing.assert_frame_equal(rel, pd.read_csv(tmp_path / "profile2" / "relative.csv"))
 
@@ -154,7 +152,7 @@ def test_probe_source(tmp_path):
                   "relation": "r", "object": "w3", "prefix": "w1 w2",
                   "statement": [f"w1 w2 w{i + 3}" for i in range(6)]}).to_parquet(tmp_path / "probes" / "probes.parquet")
     profile.run({"source": "probes", "n_sequences": 4, "bootstrap": 0}, model=tmp_path / "base",
-                tagged=tmp_path / "tagged", probes=tmp_path / "probes", out=tmp_path / "profile")
+                tokens=tmp_path / "tokens", probes=tmp_path / "probes", out=tmp_path / "profile")
     norms = pd.read_parquet(tmp_path / "profile" / "norms.parquet")
     assert norms.groupby("knowledge_type")["seq_id"].nunique().to_dict() == {
         "new": 2, "updated": 2, "unchanged": 2, "control": 4}

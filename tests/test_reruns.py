@@ -15,24 +15,15 @@ from __future__ import annotations
 import copy
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-TEST_CONFIG = REPO / "config" / "test.yaml"
+from helpers import ROOT, snakemake
+
+TEST_CONFIG = ROOT / "config" / "test.yaml"
 
 pytestmark = pytest.mark.slow
-
-
-def snakemake(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run Snakemake on this repository's workflow, from its root (so the workflow
-    profile profiles/default applies, as for a user)."""
-    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\S+):$")
@@ -75,7 +66,7 @@ DATA = {("download", "corpus"), ("split", "split"), ("tag", "tagged"), ("probes"
 
 
 def all_jobs(cfg: dict) -> set[tuple[str, str]]:
-    return (DATA | {("base_model", "base_model"), ("profile", "profile"),
+    return (DATA | {("base_model", "base_model"), ("tokens", "tokens"), ("profile", "profile"),
                     ("select", "select/selection.json")}
             | {("evaluate_base", f"eval/base/P{p}") for p in periods(cfg)}
             | train_and_eval(cfg, cfg["train"]["methods"]) | REPORT)

@@ -67,9 +67,19 @@ def fill(name: str, params: dict | None, where: str | None = None, ignore_requir
     errors = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.path])
     if errors:
         prefix = where or name
-        lines = [f"{'.'.join([prefix, *map(str, e.path)])}: {e.message}" for e in errors]
+        lines = [f"{'.'.join([prefix, *map(str, e.path)])}: {_message(e)}" for e in errors]
         raise InputError("invalid parameters:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0])
     return instance
+
+
+def _message(error) -> str:
+    """jsonschema's message, except that a typo'd key says which keys exist."""
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = sorted(error.schema.get("properties", {}))
+        unknown = sorted(k for k in error.instance if k not in known)
+        if known and unknown:
+            return f"unknown key(s) {unknown}; expected one of {known}"
+    return error.message
 
 
 def defaults(name: str) -> dict:

@@ -1,0 +1,56 @@
+"""Shared test helpers: the tiny tokenizers and models the tests train and score, the
+token files a stage reads, and the one way tests run Snakemake."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character, id 0 = <eos> (also pad)."""
+    vocab = {"<eos>": 0, **{chr(c): i + 1 for i, c in enumerate(range(32, 127))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """Whitespace-split words; `words` must start with "<eos>", "<unk>"."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_gpt2(vocab_size: int, n_layer: int = 2, n_embd: int = 32, n_positions: int = 64, seed: int = 0,
+              **config) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, vocab_size=vocab_size,
+                                      n_positions=n_positions, bos_token_id=0, eos_token_id=0, **config))
+
+
+def make_tokens(model_dir, tagged_dir, out) -> Path:
+    """Run the tokens stage (the base model's tokenizer over tagged/sequences.parquet)."""
+    from gradloc import tokens
+
+    tokens.run({}, model=model_dir, tagged=tagged_dir, out=out)
+    return Path(out)
+
+
+def snakemake(*args, cwd=ROOT, env: dict | None = None, timeout: int = 1200, check: bool = False):
+    """`python -m snakemake ARGS` from the repository root (so profiles/default applies,
+    as for a user); with `check`, a failure raises with the end of its output."""
+    cmd = [sys.executable, "-m", "snakemake", *map(str, args)]
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **(env or {})})
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
+    return r
