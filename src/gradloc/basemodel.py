@@ -22,14 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .io import InputError, atomic_output, read_table, write_json
-from .models import load_model, save_model
+from .models import load_configured, save_model
 from .scoring import score_probes, summarize
 
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
 DEFAULTS = {
-    "source": "scratch", "name_or_path": None, "gguf_file": None, "revision": None,
+    "source": "scratch", "name_or_path": None, "gguf_file": None, "revision": None, "package": None,
     "architecture": {"n_layer": 6, "n_embd": 128, "n_head": 4, "n_positions": 128},
     "tokenizer": {"vocab_size": 2048},
     "pretrain": {"steps": 1500, "batch_size": 32, "lr": 1.0e-3, "seq_len": 128, "seed": 0},
@@ -58,9 +58,9 @@ def with_defaults(params: dict | None) -> dict:
         out[key] = value
     if out["source"] not in ("scratch", "pretrained", "gguf"):
         raise InputError(f"model params: source must be scratch, pretrained or gguf, got {out['source']!r}")
-    if out["source"] != "scratch" and not out["name_or_path"]:
-        raise InputError(f"model params: source {out['source']!r} needs name_or_path")
-    if out["source"] == "gguf" and not out["gguf_file"]:
+    if out["source"] != "scratch" and not out["name_or_path"] and not out["package"]:
+        raise InputError(f"model params: source {out['source']!r} needs name_or_path or package")
+    if out["source"] == "gguf" and not out["gguf_file"] and not out["package"]:
         raise InputError("model params: source 'gguf' needs gguf_file")
     return out
 
@@ -177,8 +177,7 @@ def build_base_model(params: dict, texts: list[str], dev: torch.device | None = 
         model = build_gpt2(params["architecture"], tokenizer)
         steps = pre["steps"]
     else:
-        model, tokenizer = load_model(params["name_or_path"], revision=params["revision"],
-                                      gguf_file=params["gguf_file"] if params["source"] == "gguf" else None)
+        model, tokenizer = load_configured(params)
         steps = pre["steps"] if params["teach_t0"] else 0
     model.to(dev or device())
     rows = pretrain(model, tokenizer, texts, steps, pre["batch_size"], pre["lr"], pre["seq_len"],
