@@ -166,9 +166,10 @@ def test_shipped_probes_are_used(tmp_path):
 
 
 def test_bad_shipped_set_name(tmp_path):
-    raw = pd.DataFrame([(1, "changed", "Alice", "employer", "Beta Corp", "")],
+    # `changed` is a set (TemporalWiki's own); a typo of it is not.
+    raw = pd.DataFrame([(1, "chanegd", "Alice", "employer", "Beta Corp", "")],
                        columns=["period", "set", "subject", "relation", "object", "prefix"])
-    with pytest.raises(InputError, match="changed"):
+    with pytest.raises(InputError, match="chanegd"):
         run_probes(tmp_path, NO_CAPS, raw=raw)
 
 
