@@ -208,7 +208,7 @@ def test_synthetic_probes(tmp_path):
     df = pd.read_parquet(tmp_path / "probes" / "probes.parquet")
     sizes = df.groupby(["period", "set"]).size()
     for k in (1, 2):
-        for name in probes.SETS:
+        for name in set(probes.SETS) - {"changed"}:  # `changed`: TemporalWiki's, not made from triples
             assert sizes[k, name] >= 30, (k, name, sizes[k, name])
     # Probes use the generator's phrasing, which no document of a probed subject uses:
     # the probe-worded entities (those with an infobox) are never probed.
