@@ -104,6 +104,59 @@ def test_ecbd_base_year_and_url(tmp_path):
     assert_nothing_left(tmp_path / "out", "corpus2")
 
 
+def ecbd_release(root, construction=True):
+    """ECBD as released: one file per subset and split, {2017..2021,popular}/
+    {np,random}_spans_{dev,test}.json; records as ECBD's construction scripts write them
+    (no year, entity_span_str, entity_span_loc) when `construction`."""
+    def bare(rec):
+        return {k: v for k, v in rec.items() if k not in ("year", "entity_span_str", "entity_span_loc")}
+    layout = {"popular": [ECBD[0]], "2019": ECBD[1:3], "2020": [ECBD[3]]}
+    for folder, recs in layout.items():
+        (root / folder).mkdir(parents=True)
+        write_jsonl(root / folder / "np_spans_dev.json", [bare(r) if construction else r for r in recs])
+        write_jsonl(root / folder / "random_spans_test.json", [])
+    (root / ".DS_Store").write_bytes(b"\x00")
+    return root
+
+
+@pytest.mark.parametrize("how", ["folder", "glob", "list"])
+def test_ecbd_as_released(tmp_path, how):
+    root = ecbd_release(tmp_path / "ecbd")
+    path = {"folder": str(root), "glob": str(root / "*" / "np_spans_*.json"),
+            "list": [str(root / "popular"), str(root / "2019" / "np_spans_dev.json"),
+                     str(root / "2020" / "np_spans_dev.json")]}[how]
+    out = tmp_path / "corpus"
+    download.run({"source": "ecbd", "ecbd": {"path": path}}, out=str(out))
+    t, m = read(out)
+    # Year from the subset folder; popular entities are known at T0.
+    assert [s["label"] for s in m["snapshots"]] == ["<=2018", "2019", "2020"]
+    docs = t["documents"]
+    assert docs[docs["snapshot"] == 0]["title"].tolist() == ["Old Thing"]
+    pr = t["probes_raw"].set_index("object")
+    assert pr.loc["Acme Corp", "set"] == "unchanged" and pr.loc["Acme Corp", "period"] == 0
+    assert pr.loc["OpenAI", "set"] == "new" and pr.loc["OpenAI", "period"] == 1
+    # The name comes from ex_id when entity_span_str is missing.
+    assert pr.loc["Valdoria", "subject"] == "Vaccine X"
+
+
+def test_ecbd_one_real_file_works(tmp_path):
+    """The old adapter needed two years in one file: every released file failed."""
+    root = ecbd_release(tmp_path / "ecbd")
+    out = tmp_path / "corpus"
+    download.run({"source": "ecbd", "ecbd": {"path": str(root / "2019" / "np_spans_dev.json")}}, out=str(out))
+    t, m = read(out)
+    assert [s["label"] for s in m["snapshots"]] == ["<=2018", "2019"] and m["base_snapshot"] == "missing"
+    assert set(t["probes_raw"]["set"]) == {"new"}
+
+
+def test_ecbd_record_without_year_names_the_file(tmp_path):
+    (tmp_path / "mine").mkdir()
+    path = write_jsonl(tmp_path / "mine" / "np_spans_dev.json", [{k: v for k, v in r.items() if k != "year"} for r in ECBD])
+    with pytest.raises(InputError, match=r"mine/np_spans_dev\.json: record 'Old_Thing_1_0_1' has no usable year"):
+        download.run({"source": "ecbd", "ecbd": {"path": str(path)}}, out=str(tmp_path / "corpus"))
+    assert_nothing_left(tmp_path)
+
+
 def test_ecbd_malformed_line_names_file_and_line(tmp_path):
     path = tmp_path / "ecbd.jsonl"
     path.write_text(json.dumps(ECBD[0]) + "\n" + '{"ex_id": "broken",\n')

@@ -140,6 +140,8 @@ def load(p: dict, work: Path) -> Corpus:
     entities: dict[str, dict] = {}
     n_records, popular = 0, False
     for path in paths:
+        if path.stat().st_size == 0:  # an empty subset file
+            continue
         df = read_table(path, REQUIRED)
         if "answer_str" not in df.columns and "answer_d" not in df.columns:
             raise InputError(f"{path}: missing column 'answer_str' (or 'answer_d'); found {list(df.columns)}")
