@@ -6,13 +6,12 @@ import functools
 import http.server
 import json
 import threading
-import zipfile
 
 import pandas as pd
 import pytest
 
 from gradloc import cli
-from gradloc.data import download, temporalwiki
+from gradloc.data import download
 from gradloc.io import InputError
 
 
@@ -26,137 +25,7 @@ def assert_nothing_left(parent, name="corpus"):
     assert not list(parent.glob(f".{name}.tmp-*"))
 
 
-# --- TemporalWiki ----------------------------------------------------------------------------
-
-def write_temporalwiki(root, base=False):
-    """A fake local_dir: period 1 unpacked (Diffsets as id,url,title,text; probes with the
-    generator's `objective` column), period 2 inside the zips the hub ships."""
-    (root / "TWiki_Diffsets").mkdir(parents=True)
-    (root / "TWiki_Probes").mkdir()
-    pd.DataFrame({"id": [12, 13, 14], "url": ["u12", "u13", "u14"],
-                  "title": ["Mara Keller", "Osterby", "Nova Labs"],
-                  "text": ["Mara Keller joined Nova Labs in 2021.", "Osterby elected a new mayor.",
-                           "Nova Labs is a research company founded in 2021."]}
-                 ).to_csv(root / "TWiki_Diffsets" / "wikipedia_0801_0901_subset.csv", index=False)
-    pd.DataFrame({"subject": ["Mara Keller", "Nova Labs"], "relation": ["employer", "instance of"],
-                  "objective": ["Nova Labs", "company"]}
-                 ).to_csv(root / "TWiki_Probes" / "0801-0901_changed.csv", index=False)
-    pd.DataFrame({"subject": ["Mara Keller", "Osterby"], "relation": ["occupation", "country"],
-                  "objective": ["chemist", "Valdoria"]}
-                 ).to_csv(root / "TWiki_Probes" / "0801-0901_unchanged.csv", index=False)
-    with zipfile.ZipFile(root / "TWiki_Diffsets.zip", "w") as z:
-        z.writestr("TWiki_Diffsets/wikipedia_0901_1001_subset.csv",
-                   pd.DataFrame({"id": [12, 15], "url": ["u12", "u15"], "title": ["Mara Keller", "Lumo Air"],
-                                 "text": ["Mara Keller moved to Osterby.", "Lumo Air is a drone made by Nova Labs."]}
-                                ).to_csv(index=False))
-        z.writestr("TWiki_Diffsets/wikipedia_1001_1101_subset.csv", "id,url,title,text\n1,u,X,not requested\n")
-        # Also unpacked beside the zip: must be read once, not twice.
-        z.write(root / "TWiki_Diffsets" / "wikipedia_0801_0901_subset.csv", "TWiki_Diffsets/wikipedia_0801_0901_subset.csv")
-    with zipfile.ZipFile(root / "TWiki_Probes.zip", "w") as z:
-        z.writestr("TWiki_Probes/0901-1001_changed.csv",
-                   "subject,relation,object\nMara Keller,residence,Osterby\nLumo Air,manufacturer,Nova Labs\n")
-        z.writestr("TWiki_Probes/0901-1001_unchanged.csv",
-                   "subject,relation,object\nMara Keller,occupation,chemist\n")
-    if base:
-        pd.DataFrame({"id": [12, 13], "title": ["Mara Keller", "Osterby"],
-                      "text": ["Mara Keller is a chemist at Acme.", "Osterby is a town in Valdoria."]}
-                     ).to_csv(root / "wikipedia_0801.csv", index=False)
-    return root
-
-
-TW = {"periods": ["0801-0901", "0901-1001"]}
-
-
-def test_temporalwiki_local_dir_unpacked_and_zipped(tmp_path):
-    root = write_temporalwiki(tmp_path / "tw")
-    out = tmp_path / "corpus"
-    download.run({"source": "temporalwiki", "temporalwiki": {**TW, "local_dir": str(root)}}, out=str(out))
-    t, m = read(out)
-    docs = t["documents"]
-    assert set(docs["kind"]) == {"diff"}
-    assert docs.groupby("snapshot").size().to_dict() == {1: 3, 2: 2}
-    assert m["base_snapshot"] == "missing" and m["counts"]["documents"]["0"] == 0
-    assert [s["label"] for s in m["snapshots"]] == ["0801", "0801-0901", "0901-1001"]
-    # The same Wikipedia page id keeps its doc_id across periods.
-    assert set(docs[docs["snapshot"] == 2]["doc_id"]) == {"12", "15"}
-    assert "not requested" not in " ".join(docs["text"])
-
-    probes = t["probes_raw"].set_index(["period", "subject", "relation"])
-    # Mara Keller has unchanged facts in period 1, so she was known: updated. Nova Labs: new.
-    assert probes.loc[(1, "Mara Keller", "employer"), "set"] == "updated"
-    assert probes.loc[(1, "Nova Labs", "instance of"), "set"] == "new"
-    assert probes.loc[(1, "Osterby", "country"), "set"] == "unchanged"
-    assert probes.loc[(2, "Lumo Air", "manufacturer"), "set"] == "new"
-    assert probes.loc[(2, "Mara Keller", "residence"), "set"] == "updated"
-    assert set(t["probes_raw"]["prefix"]) == {""}
-
-    tr = t["triples"]
-    occupation = tr[(tr["subject"] == "Mara Keller") & (tr["relation"] == "occupation")]
-    assert sorted(occupation["snapshot"]) == [0, 1, 2]  # unchanged in both periods
-    employer = tr[(tr["subject"] == "Mara Keller") & (tr["relation"] == "employer")]
-    assert list(employer["snapshot"]) == [1] and list(employer["object_id"]) == ["Nova Labs"]
-    assert tr[tr["object"] == "chemist"]["object_id"].isna().all()
-    ent = t["entities"]
-    assert {"Mara Keller", "Osterby", "Nova Labs", "Lumo Air", "Valdoria"} <= set(ent["entity_id"])
-    assert "chemist" not in set(ent["entity_id"])
-    assert m["counts"]["probes"]["1/new"] == 1
-    assert not list(out.rglob("*.csv"))  # unpacked archives are not left in the corpus
-
-
-def test_temporalwiki_base_file_becomes_snapshot_0_and_cap(tmp_path):
-    root = write_temporalwiki(tmp_path / "tw", base=True)
-    out = tmp_path / "corpus"
-    download.run({"source": "temporalwiki",
-                  "temporalwiki": {**TW, "local_dir": str(root), "max_docs_per_period": 2}}, out=str(out))
-    t, m = read(out)
-    docs = t["documents"]
-    assert m["base_snapshot"] == "present"
-    assert docs[docs["snapshot"] == 0]["kind"].tolist() == ["full", "full"]
-    assert docs.groupby("snapshot").size().to_dict() == {0: 2, 1: 2, 2: 2}
-
-
-def test_temporalwiki_missing_period_lists_the_files_found(tmp_path):
-    root = write_temporalwiki(tmp_path / "tw")
-    with pytest.raises(InputError, match=r"no probe .* period 1001-1101.*0801-0901_changed\.csv.*"
-                       r"TWiki_Diffsets\.zip:TWiki_Diffsets/wikipedia_1001_1101_subset\.csv"):
-        download.run({"source": "temporalwiki",
-                      "temporalwiki": {"periods": ["0801-0901", "1001-1101"], "local_dir": str(root)}},
-                     out=str(tmp_path / "corpus"))
-    assert_nothing_left(tmp_path)
-    with pytest.raises(InputError, match=r"no diff .* period 1101-1201"):
-        download.run({"source": "temporalwiki",
-                      "temporalwiki": {"periods": ["0801-0901", "1101-1201"], "local_dir": str(root)}},
-                     out=str(tmp_path / "corpus"))
-    assert_nothing_left(tmp_path)
-
-
-def test_temporalwiki_from_the_hub(tmp_path, monkeypatch):
-    """The hub path with the network call replaced by a folder holding the hub's zips."""
-    hub = tmp_path / "hub"
-    write_temporalwiki(tmp_path / "tw")
-    hub.mkdir()
-    for name in ("TWiki_Diffsets.zip", "TWiki_Probes.zip"):
-        (hub / name).write_bytes((tmp_path / "tw" / name).read_bytes())
-    # Period 1 probes in the zip too, as the hub ships them (its diffs are there already).
-    with zipfile.ZipFile(hub / "TWiki_Probes.zip", "a") as z:
-        for s in ("changed", "unchanged"):
-            z.write(tmp_path / "tw" / "TWiki_Probes" / f"0801-0901_{s}.csv", f"TWiki_Probes/0801-0901_{s}.csv")
-    calls = []
-
-    def fake_snapshot_download(repo_id, revision, allow_patterns):
-        calls.append((repo_id, revision, allow_patterns))
-        return str(hub)
-
-    monkeypatch.setattr(temporalwiki, "_snapshot_download", fake_snapshot_download)
-    out = tmp_path / "corpus"
-    download.run({"source": "temporalwiki", "temporalwiki": {**TW, "revision": "abc"}}, out=str(out))
-    (repo_id, revision, patterns), = calls
-    assert repo_id == "seonghyeonye/TemporalWiki" and revision == "abc"
-    assert "TWiki_Diffsets.zip" in patterns and "TWiki_Probes.zip" in patterns
-    assert "Wikipedia_Full.zip" not in patterns  # 24.7 GB: only when asked
-    t, _ = read(out)
-    assert t["documents"].groupby("snapshot").size().to_dict() == {1: 3, 2: 2}
-    assert "Wikipedia_Full.zip" in temporalwiki.hub_patterns(temporalwiki.with_defaults({"download_base": True}))
+# TemporalWiki: tests/test_temporalwiki.py (fixtures in the release's own layouts).
 
 
 # --- ECBD --------------------------------------------------------------------------------------
@@ -233,6 +102,59 @@ def test_ecbd_base_year_and_url(tmp_path):
     assert [s["label"] for s in m["snapshots"]] == ["<=2019", "2020"]
     assert not list(out.rglob("ecbd.json"))
     assert_nothing_left(tmp_path / "out", "corpus2")
+
+
+def ecbd_release(root, construction=True):
+    """ECBD as released: one file per subset and split, {2017..2021,popular}/
+    {np,random}_spans_{dev,test}.json; records as ECBD's construction scripts write them
+    (no year, entity_span_str, entity_span_loc) when `construction`."""
+    def bare(rec):
+        return {k: v for k, v in rec.items() if k not in ("year", "entity_span_str", "entity_span_loc")}
+    layout = {"popular": [ECBD[0]], "2019": ECBD[1:3], "2020": [ECBD[3]]}
+    for folder, recs in layout.items():
+        (root / folder).mkdir(parents=True)
+        write_jsonl(root / folder / "np_spans_dev.json", [bare(r) if construction else r for r in recs])
+        write_jsonl(root / folder / "random_spans_test.json", [])
+    (root / ".DS_Store").write_bytes(b"\x00")
+    return root
+
+
+@pytest.mark.parametrize("how", ["folder", "glob", "list"])
+def test_ecbd_as_released(tmp_path, how):
+    root = ecbd_release(tmp_path / "ecbd")
+    path = {"folder": str(root), "glob": str(root / "*" / "np_spans_*.json"),
+            "list": [str(root / "popular"), str(root / "2019" / "np_spans_dev.json"),
+                     str(root / "2020" / "np_spans_dev.json")]}[how]
+    out = tmp_path / "corpus"
+    download.run({"source": "ecbd", "ecbd": {"path": path}}, out=str(out))
+    t, m = read(out)
+    # Year from the subset folder; popular entities are known at T0.
+    assert [s["label"] for s in m["snapshots"]] == ["<=2018", "2019", "2020"]
+    docs = t["documents"]
+    assert docs[docs["snapshot"] == 0]["title"].tolist() == ["Old Thing"]
+    pr = t["probes_raw"].set_index("object")
+    assert pr.loc["Acme Corp", "set"] == "unchanged" and pr.loc["Acme Corp", "period"] == 0
+    assert pr.loc["OpenAI", "set"] == "new" and pr.loc["OpenAI", "period"] == 1
+    # The name comes from ex_id when entity_span_str is missing.
+    assert pr.loc["Valdoria", "subject"] == "Vaccine X"
+
+
+def test_ecbd_one_real_file_works(tmp_path):
+    """The old adapter needed two years in one file: every released file failed."""
+    root = ecbd_release(tmp_path / "ecbd")
+    out = tmp_path / "corpus"
+    download.run({"source": "ecbd", "ecbd": {"path": str(root / "2019" / "np_spans_dev.json")}}, out=str(out))
+    t, m = read(out)
+    assert [s["label"] for s in m["snapshots"]] == ["<=2018", "2019"] and m["base_snapshot"] == "missing"
+    assert set(t["probes_raw"]["set"]) == {"new"}
+
+
+def test_ecbd_record_without_year_names_the_file(tmp_path):
+    (tmp_path / "mine").mkdir()
+    path = write_jsonl(tmp_path / "mine" / "np_spans_dev.json", [{k: v for k, v in r.items() if k != "year"} for r in ECBD])
+    with pytest.raises(InputError, match=r"mine/np_spans_dev\.json: record 'Old_Thing_1_0_1' has no usable year"):
+        download.run({"source": "ecbd", "ecbd": {"path": str(path)}}, out=str(tmp_path / "corpus"))
+    assert_nothing_left(tmp_path)
 
 
 def test_ecbd_malformed_line_names_file_and_line(tmp_path):
@@ -322,9 +244,9 @@ def error_cases(tmp_path):
     pd.DataFrame({"snapshot": ["2020-01-01", "2022-06-01"], "text": ["a", "b"]}).to_csv(ts, index=False)
     no_text = write_jsonl(tmp_path / "no_definitions.jsonl", [{**r, "definition": ""} for r in ECBD])
     return [
-        ({"source": "wikipedia"}, "unknown source 'wikipedia'"),
+        ({"source": "wikipedia"}, r"data\.source: 'wikipedia' is not one of"),
         ({"source": "ecbd", "ecbd": {"path": str(no_text)}}, "empty corpus: no documents at all"),
-        ({"source": "synthetic", "synthetic": {"n_entitys": 5}}, "unknown key"),
+        ({"source": "synthetic", "synthetic": {"n_entitys": 5}}, r"data\.synthetic: unknown key\(s\) \['n_entitys'\]"),
         ({"source": "local", "local": {**LOCAL, "text_field": "content", "documents": str(docs)}},
          r"docs\.jsonl: missing column\(s\) \['content'\]"),
         ({"source": "local", "local": {"documents": str(tmp_path / "nope.jsonl")}}, r"nope\.jsonl: file not found"),
@@ -354,5 +276,5 @@ def test_cli_download_and_error_exit(tmp_path, capsys):
     # the probe-worded half (10 of T0's entities, 1 of each period's 2 new ones).
     assert m["source"] == "synthetic" and len(t["documents"]) == (20 + 22 + 24) + (10 + 11 + 12)
     assert cli.main(["download", "--params", '{"source": "nope"}', "--out", str(tmp_path / "c2")]) == 2
-    assert "unknown source" in capsys.readouterr().err
+    assert "data.source: 'nope' is not one of" in capsys.readouterr().err
     assert_nothing_left(tmp_path, "c2")

@@ -233,7 +233,7 @@ def test_every_kind_has_its_relations_and_tables_have_the_documented_columns(wor
     ({"n_snapshots": 1}, "n_snapshots"),
     ({"update_rate": 1.5}, "update_rate"),
     ({"probe_worded_share": -0.1}, "probe_worded_share"),
-    ({"colour": "red"}, "unknown key"),
+    ({"colour": "red"}, r"data\.synthetic: unknown key\(s\) \['colour'\]"),
 ])
 def test_bad_params_are_input_errors(params, message):
     with pytest.raises(InputError, match=message):

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import schema
 from .io import InputError, atomic_output, read_table, write_json
-from .models import load_model, save_model
+from .models import load_configured, save_model
 from .scoring import score_probes, summarize
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,12 @@ log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"
 
 
+
 def with_defaults(params: dict | None) -> dict:
     out = schema.fill("model", params, where="model")
-    if out["source"] != "scratch" and not out["name_or_path"]:
-        raise InputError(f"model: source {out['source']!r} needs name_or_path")
-    if out["source"] == "gguf" and not out["gguf_file"]:
+    if out["source"] != "scratch" and not out["name_or_path"] and not out["package"]:
+        raise InputError(f"model: source {out['source']!r} needs name_or_path or package")
+    if out["source"] == "gguf" and not out["gguf_file"] and not out["package"]:
         raise InputError("model: source 'gguf' needs gguf_file")
     return out
 
@@ -152,8 +153,7 @@ def build_base_model(params: dict, texts: list[str], dev: torch.device | None = 
         model = build_gpt2(params["architecture"], tokenizer)
         steps = pre["steps"]
     else:
-        model, tokenizer = load_model(params["name_or_path"], revision=params["revision"],
-                                      gguf_file=params["gguf_file"] if params["source"] == "gguf" else None)
+        model, tokenizer = load_configured(params)
         steps = pre["steps"] if params["teach_t0"] else 0
     rows = []
     if steps:

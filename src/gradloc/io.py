@@ -42,15 +42,6 @@ def atomic_output(path: str | os.PathLike, is_dir: bool = True):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def merge_defaults(params: dict | None, defaults: dict, where: str) -> dict:
-    """A stage's params with its defaults filled in; an unknown key (a typo) is an error
-    naming it, so a hand-run stage fails the way the config schema would."""
-    unknown = sorted(set(params or {}) - set(defaults))
-    if unknown:
-        raise InputError(f"{where}: unknown key(s) {unknown}; expected {sorted(defaults)}")
-    return {**defaults, **(params or {})}
-
-
 def write_json(obj, path: str | os.PathLike) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

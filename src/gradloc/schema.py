@@ -37,6 +37,8 @@ def _validator_class():
         # Fill a missing key's default before validating, so nested defaults fill too.
         if isinstance(instance, dict):
             for key, sub in properties.items():
+                if isinstance(sub, dict) and "default" not in sub and str(sub.get("$ref", "")).startswith("#/$defs/"):
+                    sub = schema()["$defs"].get(sub["$ref"].rsplit("/", 1)[1], {})  # {$ref: path_or_null}
                 if key not in instance and isinstance(sub, dict) and "default" in sub:
                     instance[key] = copy.deepcopy(sub["default"])
         yield from validate_properties(validator, properties, instance, schema_)

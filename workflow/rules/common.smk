@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 
 from snakemake.utils import validate
 
@@ -20,6 +21,13 @@ def check_config(config, schema_path):
 SCHEMA = os.path.join(workflow.basedir, "src", "gradloc", "config.schema.yaml")
 check_config(config, SCHEMA)
 validate(config, schema=SCHEMA, set_default=True)
+
+# Settings that need data the config does not ask for (TemporalWiki's base snapshot for
+# T0 text) fail here, before any job, naming the setting and the fix.
+sys.path.insert(0, os.path.join(workflow.basedir, "src"))
+from gradloc.data.temporalwiki import check_base
+
+check_base(config)
 
 R = config["results"]
 METHODS = list(config["train"]["methods"])

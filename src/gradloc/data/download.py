@@ -15,33 +15,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..io import InputError, atomic_output, write_json
+from ..schema import fill
 from . import DOC_COLUMNS, ENTITY_COLUMNS, PROBE_COLUMNS, TRIPLE_COLUMNS, ecbd, local, synthetic, temporalwiki
 from .sources import Corpus, is_missing
 
 log = logging.getLogger(__name__)
 
 MODULES = {"synthetic": synthetic, "temporalwiki": temporalwiki, "ecbd": ecbd, "local": local}
-KEYS = {"source", *MODULES}
 
 
 def with_defaults(params: dict | None) -> dict:
-    """The data slice with every source's defaults filled in (as the schema does), so a
-    partial JSON given by hand works; unknown keys and sources are errors."""
-    params = dict(params or {})
-    unknown = sorted(set(params) - KEYS)
-    if unknown:
-        raise InputError(f"data: unknown key(s) {unknown}; expected {sorted(KEYS)}")
-    source = params.get("source")
-    if source not in MODULES:
-        raise InputError(f"data.source: unknown source {source!r}; choose one of {sorted(MODULES)}")
-    out = {"source": source}
-    for name, module in MODULES.items():
-        sub = params.get(name) or {}
-        if not isinstance(sub, dict):
-            raise InputError(f"data.{name}: expected a mapping, got {sub!r}")
-        # Only the chosen source's slice is checked in depth; the others are carried along.
-        out[name] = module.with_defaults(sub) if name == source else {**module.DEFAULTS, **sub}
-    return out
+    """The data slice with every source's defaults filled in from the schema, so a
+    partial JSON given by hand works; unknown keys and sources are errors. The chosen
+    source's module then checks what the schema cannot."""
+    p = fill("data", params, where="data")
+    p[p["source"]] = MODULES[p["source"]].with_defaults(p[p["source"]])
+    return p
 
 
 def load_synthetic(p: dict, work: Path) -> Corpus:

@@ -7,8 +7,18 @@ style: `<extra_id_0> span <extra_id_1>`; `answer_d` holds the bare span), `span_
 `definition` (the first paragraph's sentences, entity mentions inside
 `[ENT_START]..[ENT_END]`), `year`, `entity_span_str`, `entity_span_loc`.
 
-Years <= base_year (default: the earliest) form snapshot 0; each later year is one
-period. Each entity's definition is its article (kind full) from its year's snapshot
+The release is one file per subset and split: `{2017,...,2021,popular}/
+{np,random}_spans_{dev,test}.json`; `path` takes a file, a folder, a glob or a list of
+them. A record's year is its `year` field, else its subset folder (2017..2021); records
+of the `popular` subset (long-known entities) belong to T0. Records written by ECBD's
+construction scripts may lack `year`, `entity_span_str` and `entity_span_loc`: the
+entity's name then comes from `ex_id`. A record with no usable year is an error naming
+its file.
+
+Years <= base_year form snapshot 0; each later year is one period. Default base_year:
+the earliest year when several years and no `popular` records are read (as before);
+otherwise the year before the earliest, so that every dated entity is new (with no
+`popular` records snapshot 0 then has no text: manifest `base_snapshot: missing`). Each entity's definition is its article (kind full) from its year's snapshot
 on. Probes: the masked sentence up to the mask is the prefix and the span the object;
 set `new` in the entity's period, `unchanged` for entities of the base years (known at
 T0). ECBD has no triples.
@@ -16,18 +26,22 @@ T0). ECBD has no triples.
 
 from __future__ import annotations
 
+import glob
 import logging
 import re
 from pathlib import Path
 
-from ..io import InputError, read_table, merge_defaults
+from ..io import InputError, read_table
+from ..schema import fill
 from . import DOC_COLUMNS, ENTITY_COLUMNS, PROBE_COLUMNS
-from .sources import Corpus, empty_triples, existing, fetch_url, frame, is_missing, is_url
+from .sources import Corpus, empty_triples, fetch_url, frame, is_missing, is_url
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"path": None, "base_year": None}
-REQUIRED = ["ex_id", "masked_sentence", "answer_str", "definition", "year", "entity_span_str"]
+REQUIRED = ["ex_id", "masked_sentence", "definition"]
+SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet", ".csv")
+POPULAR = "popular"  # the release's subset of long-known entities: T0
+_YEAR_DIR = re.compile(r"^(19|20)\d\d$")
 _MASK = re.compile(r"<extra_id_0>|<MASK>|\[MASK\]")
 _SENTINEL = re.compile(r"<extra_id_\d+>")
 _ENT = re.compile(r"\[ENT_START\](.*?)\[ENT_END\]")
@@ -35,24 +49,67 @@ _EX_ID = re.compile(r"^(.+)_(\d+)_(\d+)_(\d+)$")
 
 
 def with_defaults(params: dict | None) -> dict:
-    p = merge_defaults(params, DEFAULTS, "data.ecbd")
-    return p
+    return fill("data.ecbd", params, where="data.ecbd")
 
 
-def fetch(p: dict, work: Path) -> Path:
+def fetch(p: dict, work: Path) -> list[Path]:
+    """Every ECBD file that `path` names: files, folders (searched recursively, hidden
+    files skipped), globs, http(s) URLs, or a list of these; in a stable order."""
     if not p["path"]:
-        raise InputError("data.ecbd.path: a local path or http(s) URL of ECBD json lines is required")
-    if is_url(p["path"]):
-        log.info("downloading %s", p["path"])
-        return fetch_url(p["path"], work / "ecbd")
-    return existing(p["path"], "data.ecbd.path")
+        raise InputError("data.ecbd.path: ECBD json lines are required (a file, folder, glob, list or URL)")
+    items = p["path"] if isinstance(p["path"], list) else [p["path"]]
+    out: list[Path] = []
+    for i, item in enumerate(items):
+        if is_url(item):
+            log.info("downloading %s", item)
+            out.append(fetch_url(item, work / "ecbd" / str(i)))
+            continue
+        path = Path(item).expanduser()
+        if any(c in item for c in "*?["):
+            found = [Path(f) for f in sorted(glob.glob(str(path), recursive=True)) if Path(f).is_file()]
+        elif path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith(".")
+                           and f.name.lower().endswith(SUFFIXES))
+        elif path.exists():
+            found = [path]
+        else:
+            raise InputError(f"{path}: file not found (data.ecbd.path)")
+        if not found:
+            raise InputError(f"{item}: no ECBD files there (data.ecbd.path; looked for {', '.join(SUFFIXES)})")
+        out.extend(found)
+    return list(dict.fromkeys(out))
+
+
+def subset_year(path: Path) -> int | str | None:
+    """The release's subset folder a file sits in: a year (2017..2021), 'popular', or None."""
+    for part in reversed(path.parent.parts):
+        if _YEAR_DIR.match(part):
+            return int(part)
+        if part.lower() == POPULAR:
+            return POPULAR
+    return None
+
+
+def record_year(rec: dict, folder, path: Path) -> int | str:
+    value = rec.get("year")
+    if not is_missing(value):
+        try:
+            return int(str(value).strip()[:4])
+        except ValueError:
+            raise InputError(f"{path}: record {rec.get('ex_id')!r}: 'year' is not a year: {value!r}") from None
+    if folder is not None:
+        return folder
+    raise InputError(f"{path}: record {rec.get('ex_id')!r} has no usable year: no 'year' field, and the file is "
+                     f"not in a year folder (2017..2021) or the '{POPULAR}' folder of the ECBD release; put it "
+                     f"in its subset's folder or add 'year'")
 
 
 def _answer(rec: dict) -> str:
     d = rec.get("answer_d")
     if isinstance(d, dict) and isinstance(d.get("<extra_id_0>"), str):
         return d["<extra_id_0>"].strip()
-    return _SENTINEL.sub(" ", str(rec["answer_str"])).strip()
+    value = rec.get("answer_str")
+    return "" if is_missing(value) else _SENTINEL.sub(" ", str(value)).strip()
 
 
 def _definition(value) -> tuple[str, list[str]]:
@@ -68,35 +125,60 @@ def _entity_key(rec: dict) -> tuple[str, str]:
     m = _EX_ID.match(str(rec["ex_id"]))
     if m:
         return f"{m.group(1)}_{m.group(2)}", m.group(1).replace("_", " ")
-    name = str(rec["entity_span_str"])
+    name = "" if is_missing(rec.get("entity_span_str")) else str(rec["entity_span_str"])
     return name, name
+
+
+def _name(rec: dict, title: str) -> str:
+    span = rec.get("entity_span_str")
+    return title if is_missing(span) else str(span).strip()
 
 
 def load(p: dict, work: Path) -> Corpus:
     p = with_defaults(p)
-    path = fetch(p, work)
-    df = read_table(path, REQUIRED)
-    records = df.to_dict("records")
-    if not records:
-        raise InputError(f"{path}: no records")
-
+    paths = fetch(p, work)
     entities: dict[str, dict] = {}
-    for rec in records:
-        try:
-            year = int(str(rec["year"]).strip()[:4])
-        except ValueError:
-            raise InputError(f"{path}: record {rec['ex_id']!r}: column 'year' is not a year: {rec['year']!r}") from None
-        eid, title = _entity_key(rec)
-        e = entities.setdefault(eid, {"title": title, "name": str(rec["entity_span_str"]).strip(), "year": year,
-                                      "definition": "", "aliases": set(), "records": []})
-        e["year"] = min(e["year"], year)
-        if not is_missing(rec["definition"]) and not e["definition"]:
-            e["definition"], spans = _definition(rec["definition"])
-            e["aliases"].update(spans)
-        e["records"].append(rec)
+    n_records, popular = 0, False
+    for path in paths:
+        if path.stat().st_size == 0:  # an empty subset file
+            continue
+        df = read_table(path, REQUIRED)
+        if "answer_str" not in df.columns and "answer_d" not in df.columns:
+            raise InputError(f"{path}: missing column 'answer_str' (or 'answer_d'); found {list(df.columns)}")
+        folder = subset_year(path)
+        for rec in df.to_dict("records"):
+            n_records += 1
+            year = record_year(rec, folder, path)
+            popular |= year == POPULAR
+            eid, title = _entity_key(rec)
+            if not eid:
+                raise InputError(f"{path}: record without ex_id or entity_span_str: {str(rec)[:200]}")
+            e = entities.setdefault(eid, {"title": title, "name": _name(rec, title), "year": year,
+                                          "definition": "", "aliases": set(), "records": []})
+            if year == POPULAR or e["year"] == POPULAR:
+                e["year"] = POPULAR
+            else:
+                e["year"] = min(e["year"], year)
+            if not is_missing(rec["definition"]) and not e["definition"]:
+                e["definition"], spans = _definition(rec["definition"])
+                e["aliases"].update(spans)
+            e["records"].append(rec)
+    if not n_records:
+        raise InputError(f"{', '.join(map(str, paths))}: no records")
+    path = paths[0] if len(paths) == 1 else f"{len(paths)} ECBD files"
 
+    dated = sorted({e["year"] for e in entities.values() if e["year"] != POPULAR})
+    if p["base_year"] is not None:
+        base_year = int(p["base_year"])
+    elif not dated:
+        base_year = 0
+    else:
+        base_year = dated[0] if (len(dated) > 1 and not popular) else dated[0] - 1
+    for e in entities.values():
+        if e["year"] == POPULAR:
+            e["year"] = base_year
     years = sorted({e["year"] for e in entities.values()})
-    base_year = years[0] if p["base_year"] is None else int(p["base_year"])
+    records = range(n_records)
     later = [y for y in years if y > base_year]
     if not later:
         raise InputError(f"{path}: no entity is newer than base_year {base_year} (years found: {years}); "
@@ -129,5 +211,7 @@ def load(p: dict, work: Path) -> Corpus:
         triples=empty_triples(),
         entities=frame(inventory, ENTITY_COLUMNS),
         probes=frame(probes, PROBE_COLUMNS),
-        notes={"base_year": base_year, "records": len(records), "records_skipped": skipped},
+        base_missing=not any(d[1] == 0 for d in docs),
+        notes={"base_year": base_year, "records": len(records), "records_skipped": skipped,
+               "files": [str(f) for f in paths]},
     )

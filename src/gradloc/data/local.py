@@ -17,17 +17,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..io import InputError, read_table, merge_defaults
+from ..io import InputError, read_table
+from ..schema import fill
 from . import DOC_COLUMNS, ENTITY_COLUMNS, TRIPLE_COLUMNS
 from .sources import (Corpus, empty, entities_from_triples, entity_like, existing, frame, is_missing,
                       parse_aliases)
 
-DEFAULTS = {"documents": None, "text_field": "text", "time_field": "snapshot", "id_field": None,
-            "title_field": None, "boundaries": None, "triples": None, "entities": None}
-
 
 def with_defaults(params: dict | None) -> dict:
-    p = merge_defaults(params, DEFAULTS, "data.local")
+    p = fill("data.local", params, where="data.local")
     if p["boundaries"] is not None and (not isinstance(p["boundaries"], list) or not p["boundaries"]):
         raise InputError(f"data.local.boundaries: a non-empty list of timestamps or null, got {p['boundaries']!r}")
     return p

@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ..io import InputError, merge_defaults
+from ..io import InputError
+from ..schema import fill
 from . import DOC_COLUMNS, ENTITY_COLUMNS, TRIPLE_COLUMNS
 
-DEFAULTS = {"seed": 0, "n_entities": 240, "n_snapshots": 3, "update_rate": 0.25,
-            "new_rate": 0.12, "docs_per_entity": 3, "probe_worded_share": 0.5}
 MIN_ENTITIES = 8
 BASE_YEAR = 2018  # the year of T0; snapshot k is BASE_YEAR + k
 
@@ -258,7 +257,7 @@ class Entity:
 
 
 def with_defaults(params: dict | None) -> dict:
-    p = merge_defaults(params, DEFAULTS, "data.synthetic")
+    p = fill("data.synthetic", params, where="data.synthetic")
     for key in ("seed", "n_entities", "n_snapshots", "docs_per_entity"):
         if isinstance(p[key], bool) or not isinstance(p[key], int):
             raise InputError(f"data.synthetic.{key}: expected an integer, got {p[key]!r}")
