@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import schema
 from .io import InputError, atomic_output, read_table, write_json
-from .models import load_configured, save_model
+from .models import device, load_configured, max_positions, save_model
 from .scoring import score_probes, summarize
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,6 @@ def with_defaults(params: dict | None) -> dict:
     if out["source"] == "gguf" and not out["gguf_file"] and not out["package"]:
         raise InputError("model: source 'gguf' needs gguf_file")
     return out
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def t0_texts(split_dir) -> list[str]:
@@ -111,7 +107,7 @@ def pretrain(model, tokenizer, texts: list[str], pre: dict, state=None, accelera
     from . import engine
 
     stream = token_stream(tokenizer, texts)
-    max_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    max_pos = max_positions(model)
     seq_len = min(pre["seq_len"], len(stream) - 1, max_pos or pre["seq_len"])
     if seq_len < 2:
         raise InputError(f"T0 text too short to train on ({len(stream)} tokens)")

@@ -19,7 +19,7 @@ import torch
 from . import schema
 from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet
 from .methods import load_checkpoint
-from .models import checkpoint_dir
+from .models import checkpoint_dir, device
 from .scoring import PROBE_COLUMNS, ids_logprob, perplexity, score_probes, summarize
 from .tokens import load as load_tokens
 
@@ -51,10 +51,6 @@ def identity(ckpt_folder, method: str | None, seed: int | None) -> tuple[str, in
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise InputError(f"{path}: key seed must be an integer, got {seed!r}")
     return method, seed
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def period_probes(probes_dir, period: int, max_per_set: int | None = None) -> pd.DataFrame:

@@ -28,6 +28,20 @@ _FALLBACK_BLOCK_PATHS = ("transformer.h", "gpt_neox.layers", "model.layers", "mo
                          "transformer.blocks", "layers")
 
 
+def device() -> torch.device:
+    """Where a stage runs its model: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def max_positions(model) -> int | None:
+    """The model's context length (n_positions or max_position_embeddings), if it has one."""
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_model(path_or_id, *, revision=None, gguf_file=None, dtype=None):
     """(model, tokenizer) from a hub id, a local save_pretrained folder, or a GGUF file.
 

@@ -35,7 +35,7 @@ import pandas as pd
 from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet
 from . import schema
 from .split import stable_unit
-from .tagging import alias_list
+from .facts import subject_articles
 
 log = logging.getLogger(__name__)
 
@@ -79,28 +79,6 @@ def fact_sets(triples: pd.DataFrame, k: int) -> dict[str, pd.DataFrame]:
 
 
 # --- filters ---------------------------------------------------------------------------------
-
-def subject_articles(docs: pd.DataFrame, entities: pd.DataFrame, triples: pd.DataFrame) -> dict:
-    """{snapshot: {subject_id: text}}: the full documents whose title is the subject's name
-    (as in the triples, or the entity's name or an alias) or whose doc_id is the subject_id.
-    Several such documents (paraphrases) are joined."""
-    owner: dict[str, str] = {}
-    for sid, subject in triples[["subject_id", "subject"]].drop_duplicates().itertuples(index=False):
-        owner.setdefault(str(subject), str(sid))
-    if "aliases" in entities:
-        for eid, name, aliases in entities[["entity_id", "name", "aliases"]].itertuples(index=False):
-            for surface in [name, *alias_list(aliases)]:
-                owner.setdefault(str(surface), str(eid))
-    full = docs[docs["kind"] == "full"].sort_values(["snapshot", "doc_id"])
-    sids = set(triples["subject_id"].astype(str))
-    out: dict[int, dict[str, str]] = {}
-    for snap, doc_id, title, text in full[["snapshot", "doc_id", "title", "text"]].itertuples(index=False):
-        sid = owner.get(str(title), str(doc_id) if str(doc_id) in sids else None)
-        if sid is not None:
-            arts = out.setdefault(int(snap), {})
-            arts[sid] = f"{arts[sid]}\n{text}" if sid in arts else str(text)
-    return out
-
 
 def _in_subject_text(facts: pd.DataFrame, articles: dict[str, str], needles) -> pd.Series:
     return pd.Series([x in articles.get(s, "") for s, x in zip(facts["subject_id"], needles)],

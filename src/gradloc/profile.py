@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import schema
 from .io import InputError, atomic_output, read_table, write_parquet
 from .pergrad import aggregate_units, per_example_grad_norms, per_example_param_sq_norms  # noqa: F401
-from .models import checkpoint_dir, layer_units, load_model, n_blocks, unit_layer
+from .models import checkpoint_dir, device, layer_units, load_model, n_blocks, unit_layer
 from .scoring import pad_batch
 from .tokens import load as load_tokens
 
@@ -134,43 +134,14 @@ def relative_norms(norms: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(out, columns=["knowledge_type", "granularity", "unit", "layer", "rel", "lo", "hi"])
 
 
-def heatmap(relative: pd.DataFrame, path, title: str = "relative gradient norm") -> None:
-    """Rows: block-granularity units, bottom (embed) to top; columns: knowledge types."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rel = relative[relative["granularity"] == "block"]
-    table = rel.pivot_table(index="unit", columns="knowledge_type", values="rel", sort=False)
-    order = rel.drop_duplicates("unit").sort_values("layer", kind="stable")["unit"].tolist()
-    cols = [k for k in KNOWLEDGE_TYPES if k in table.columns]
-    table = table.reindex(index=order, columns=cols)
-    fig, ax = plt.subplots(figsize=(1.4 * max(len(cols), 1) + 2.5, 0.38 * max(len(order), 1) + 1.5))
-    data = table.to_numpy(dtype=float)
-    im = ax.imshow(data, origin="lower", aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_yticks(range(len(order)), order)
-    finite = data[np.isfinite(data)]
-    mid = (finite.min() + finite.max()) / 2 if finite.size else 0
-    for i in range(data.shape[0]):
-        for j in range(data.shape[1]):
-            if np.isfinite(data[i, j]):
-                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="black" if data[i, j] > mid else "white")
-    fig.colorbar(im, ax=ax, label="mean norm / mean control norm")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def run(params: dict, model, tokens, probes, out) -> None:
+    from .report.figures import heatmap
+
     params = with_defaults(params)
     torch.manual_seed(params["seed"])
     ckpt = checkpoint_dir(model)
     lm, tokenizer = load_model(ckpt)
-    lm.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    lm.to(device())
     seqs = diagnostic_sequences(params, tokens, probes, tokenizer)
     norms = profile_norms(lm, tokenizer, seqs, params["seq_len"], params["batch_size"])
     relative = relative_norms(norms, params["bootstrap"], params["seed"])

@@ -33,19 +33,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .io import require_columns
+from .models import max_positions
 
 PROBE_COLUMNS = ["probe_id", "set", "prefix", "object", "statement"]
 SCORE_COLUMNS = ["probe_id", "set", "object_logprob", "object_tokens", "statement_logprob",
                  "statement_tokens", "top1"]
-
-
-def model_max_length(model) -> int | None:
-    cfg = model.config
-    for key in ("n_positions", "max_position_embeddings"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def leading_special_ids(tokenizer) -> list[int]:
@@ -138,7 +130,7 @@ def score_probes(model, tokenizer, probes_df: pd.DataFrame, batch_size: int = 32
     if probes_df.empty:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
             SCORE_COLUMNS, ["str", "str", "float64", "int64", "float64", "int64", "bool"])})
-    max_len = model_max_length(model)
+    max_len = max_positions(model)
     obj_seqs, n_obj = [], []
     for prefix, obj in zip(probes_df["prefix"].fillna(""), probes_df["object"].astype(str)):
         ids, k = encode_probe(tokenizer, prefix, obj, max_len)
@@ -174,7 +166,7 @@ def text_logprob(model, tokenizer, texts: list[str], batch_size: int = 32,
                  progress: bool = True) -> tuple[float, int]:
     """(sum of token log-probs, number of scored tokens) over texts; a text longer than
     the model's context is cut into windows, each scored after its first token."""
-    max_len = model_max_length(model)
+    max_len = max_positions(model)
     return ids_logprob(model, tokenizer, [w for t in texts for w in encode_text(tokenizer, t, max_len)],
                        batch_size, progress)
 
@@ -183,7 +175,7 @@ def ids_logprob(model, tokenizer, seqs: list[list[int]], batch_size: int = 32,
                 progress: bool = True) -> tuple[float, int]:
     """`text_logprob` of already tokenized texts (the default tokenization: leading
     special ids included); a sequence longer than the model's context is cut into windows."""
-    max_len = model_max_length(model)
+    max_len = max_positions(model)
     if max_len:
         seqs = [s[i:i + max_len] for s in seqs for i in range(0, len(s), max_len)]
     seqs = [s for s in seqs if len(s) > 1]

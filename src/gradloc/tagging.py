@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet
 from . import schema
+from .facts import alias_list, subject_articles
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +37,6 @@ def with_defaults(params: dict | None) -> dict:
 
 
 # --- mention finding ---------------------------------------------------------------------
-
-def alias_list(value) -> list[str]:
-    """The aliases cell as a list: parquet gives numpy arrays, csv/json may give None."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return []
-    if isinstance(value, str):
-        return [value]
-    return [str(a) for a in value]
-
 
 def _fold(text: str, case_sensitive: bool) -> str:
     """Lower-case for matching, keeping every character's offset: a few characters
@@ -146,31 +138,13 @@ def _facts_by_snapshot(triples: pd.DataFrame) -> dict[int, dict[str, frozenset]]
     return out
 
 
-def _articles_by_snapshot(docs: pd.DataFrame, entities: pd.DataFrame) -> dict[int, dict[str, str]]:
-    """{snapshot: {entity_id: article text}} for entities whose name or alias is the title
-    of a full document (texts of several such documents joined, in doc_id order)."""
-    owner: dict[str, str] = {}
-    aliases = entities["aliases"] if "aliases" in entities else [None] * len(entities)
-    for eid, name, alias_cell in zip(entities["entity_id"].astype(str), entities["name"], aliases):
-        for surface in [name, *alias_list(alias_cell)]:
-            owner.setdefault(str(surface), eid)  # first claim wins, names were listed first
-    full = docs[docs["kind"] == "full"].sort_values(["snapshot", "doc_id"])
-    out: dict[int, dict[str, str]] = {}
-    for snap, title, text in zip(full["snapshot"], full["title"].astype(str), full["text"]):
-        eid = owner.get(title)
-        if eid is not None:
-            arts = out.setdefault(int(snap), {})
-            arts[eid] = arts[eid] + "\n" + text if eid in arts else text
-    return out
-
-
 def entity_status(triples: pd.DataFrame, docs: pd.DataFrame, entities: pd.DataFrame,
                   periods: list[int]) -> pd.DataFrame:
     """Columns period, entity_id, status for every entity in the inventory or the
     triples' subjects, and every period (0 included: everything is `unchanged` at T0)."""
     facts = _facts_by_snapshot(triples)
     with_triples = set().union(*facts.values()) if facts else set()
-    articles = _articles_by_snapshot(docs, entities)
+    articles = subject_articles(docs, entities)
     ids = sorted(set(entities["entity_id"].astype(str)) | with_triples)
     rows = [(0, eid, "unchanged") for eid in ids]
     for k in periods:

@@ -22,6 +22,7 @@ import torch
 from . import engine, methods, schema
 from .io import InputError, atomic_output, write_json
 from .methods import replay
+from .models import max_positions
 from .tokens import load as load_tokens
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None
     set_seed(seed)
     # fp32 master weights; mixed precision is autocast on top, never bf16 weights.
     model, tokenizer = methods.load_checkpoint(init, dtype=torch.float32)
-    max_len = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    max_len = max_positions(model)
     if max_len and cfg["seq_len"] > max_len:
         raise InputError(f"train params: seq_len {cfg['seq_len']} exceeds the model's {max_len} positions")
     prepared = methods.prepare(model, cfg["method"], selection, seed)

@@ -24,7 +24,7 @@ HEATMAP_TITLE = "Where updates land: relative gradient norm per layer (bottom = 
 def heatmap(relative: pd.DataFrame, path, dpi: int = 120, title: str = HEATMAP_TITLE) -> None:
     """Relative gradient norm (profile/relative.csv) per unit (rows, bottom-up) and
     knowledge type (columns), coloured around 1 (= control); one panel per granularity
-    present. The one heatmap of the package: the profile stage should draw with it too."""
+    present. The one heatmap of the package (the profile stage draws with it too)."""
     relative = relative.assign(rel=pd.to_numeric(relative["rel"], errors="coerce"),
                                layer=pd.to_numeric(relative["layer"], errors="coerce"))
     grans = [g for g in ("block", "module") if g in set(relative["granularity"])]
