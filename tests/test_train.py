@@ -5,6 +5,7 @@ uninterrupted one, replay mixes base blocks, and the CLI path works."""
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -317,3 +318,23 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
     assert any(not torch.equal(a[k], weights(tmp_path / "base_model")[k]) for k in a), "training moved the weights"
+
+
+def test_diverging_run_stops_naming_the_step_and_leaves_no_output(world, tmp_path, capsys):
+    """lr 1e6 without clipping diverges: the run stops at the first non-finite loss with
+    an error naming the step, lr and precision; no output folder, and the state saved
+    before it stays."""
+    state = tmp_path / "state"
+    argv = ["train", "--params", json.dumps({"name": "m", "common": {**COMMON, "lr": 1e6, "grad_clip": None,
+                                                                       "save_every": 1, "log_every": 50,
+                                                                       "epochs": 4},
+                                              "method": {}}),
+            "--init", str(world / "base_model"), "--tokens", str(world / "tokens"), "--period", "1",
+            "--seed", "0", "--state", str(state), "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 3
+    err = capsys.readouterr().err
+    m = re.search(r"non-finite loss or gradient norm at step (\d+) \(lr ([^,]+), precision no\); last finite loss", err)
+    assert m, err[-2000:]
+    assert not (tmp_path / "out").exists()
+    saved = json.loads((state / "latest.json").read_text())["step"]
+    assert saved == int(m.group(1)) - 1, "the state from just before the bad step is kept"

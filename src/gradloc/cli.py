@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .io import InputError
+from .io import InputError, NonFiniteError
 
 # stage -> (module, [(argument, help)]); each module exposes run(params, **arguments)
 STAGES = {
@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"gradloc {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"gradloc {args.stage}: error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from .io import InputError, read_json, write_json
+from .io import InputError, NonFiniteError, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +207,9 @@ def fit(accelerator, model, optimizer, scheduler, dataset: Dataset, batches: Ste
     # are read (a host sync) only when a log row is due or the state is saved.
     window = progress.pop("window", {"loss": 0.0, "tokens": 0, "steps": 0})
     window_start, dev_loss, dev_tokens = time.time(), 0.0, 0
+    # Per-step losses and gradient-norm checks stay on the device until the next sync
+    # point, where a non-finite value stops the run (before any state is saved).
+    step_losses, finite, step_lrs = [], [], []
     bar = tqdm(total=total, initial=progress["step"], desc=desc, file=sys.stderr, mininterval=2,
                disable=not accelerator.is_local_main_process)
     micro = 0
@@ -217,11 +220,12 @@ def fit(accelerator, model, optimizer, scheduler, dataset: Dataset, batches: Ste
             loss = loss_fn(model, batch)
             accelerator.backward(loss)
             if accelerator.sync_gradients and grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+                finite.append(torch.isfinite(accelerator.clip_grad_norm_(model.parameters(), grad_clip)))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         dev_loss = dev_loss + loss.detach() / A
+        step_losses.append(loss.detach())
         dev_tokens = dev_tokens + (batch["labels"][:, 1:] != -100).sum()
         micro += 1
         if micro < A:
@@ -233,7 +237,10 @@ def fit(accelerator, model, optimizer, scheduler, dataset: Dataset, batches: Ste
         step = progress["step"]
         row_due = step % log_every == 0 or step == total
         save_due = bool(state and save_every and step % save_every == 0 and step < total)
+        step_lrs.append(lr)
         if row_due or save_due:
+            check_finite(accelerator, step_losses, finite, step_lrs, step, A, progress)
+            step_losses, finite, step_lrs = [], [], []
             window["loss"] += float(accelerator.reduce(dev_loss, "mean"))
             window["tokens"] += int(accelerator.reduce(dev_tokens, "sum"))
             dev_loss, dev_tokens = 0.0, 0
@@ -251,3 +258,30 @@ def fit(accelerator, model, optimizer, scheduler, dataset: Dataset, batches: Ste
     bar.close()
     accelerator.wait_for_everyone()
     return model, optimizer, progress
+
+
+def check_finite(accelerator, losses: list, finite: list, lrs: list, step: int, A: int, progress: dict) -> None:
+    """Raise NonFiniteError naming the first step (of those since the last check) whose
+    loss or gradient norm was not finite, its learning rate, the precision, and the last
+    finite loss. One host sync for the whole window."""
+    if not losses:
+        return
+    loss_ok = torch.isfinite(torch.stack(losses).float())
+    norm_ok = torch.stack(finite) if finite else torch.ones(0, dtype=torch.bool, device=loss_ok.device)
+    ok = torch.cat([loss_ok, norm_ok]).all()
+    if bool(accelerator.reduce(ok.float(), "mean") == 1):
+        return
+    first = len(lrs) - 1  # index within the window of the first bad step
+    steps_ok = loss_ok.view(-1, A).all(1)[:len(lrs)]
+    if len(norm_ok) == len(lrs):
+        steps_ok = steps_ok & norm_ok
+    bad = (~steps_ok).nonzero()
+    if len(bad):
+        first = int(bad[0])
+    earlier = [float(x) for x in torch.stack(losses).view(-1, A).mean(1)[:first]]
+    last = earlier[-1] if earlier else (progress["log"][-1]["loss"] if progress["log"] else None)
+    bad_step = step - len(lrs) + first + 1
+    raise NonFiniteError(
+        f"non-finite loss or gradient norm at step {bad_step} (lr {lrs[first]:.3g}, precision "
+        f"{accelerator.mixed_precision}); last finite loss: {last if last is None else f'{last:.4f}'}. "
+        "Lower the learning rate or set grad_clip; the saved state (if any) is from before this step")

@@ -17,6 +17,11 @@ class InputError(ValueError):
     """Bad user input: the message names the file, key, line or column."""
 
 
+class NonFiniteError(RuntimeError):
+    """A stage computed a non-finite number (a diverged loss, a NaN score): the message
+    names where, so it never ends up in an output."""
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, is_dir: bool = True):
     """Yield a temporary path beside `path`; move it into place only if the block ends
