@@ -70,7 +70,9 @@ def step_flops(n_layer: int, n_embd: int, seq_len: int, vocab: int, trainable: l
     so a fully trained block costs 3x its forward. Full training (`trainable` None): every
     input- and weight-gradient. TGL-FP training blocks `trainable` (embeddings and the tied
     head frozen): forward through all L blocks and the head; input-gradients of the head and
-    of the blocks above the lowest trainable one m; weight-gradients of trainable blocks only.
+    of blocks m..L-1, m the lowest trainable one, whose own input-gradient autograd forms
+    too (its ln_1 trains, and ln_1's gradient needs the one through the q/k/v matmul; only
+    the blocks below m are skipped); weight-gradients of trainable blocks only.
     """
     d, T = n_embd, seq_len
     w, a, h = 24 * d * d, 4 * T * d, 2 * d * vocab
@@ -78,7 +80,7 @@ def step_flops(n_layer: int, n_embd: int, seq_len: int, vocab: int, trainable: l
     if trainable is None:
         return forward + (n_layer * (w + 2 * a) + h) + (n_layer * w + h)
     m = min(trainable)
-    return forward + (h + (n_layer - 1 - m) * (w + 2 * a)) + len(trainable) * w
+    return forward + (h + (n_layer - m) * (w + 2 * a)) + len(trainable) * w
 
 
 def placements(n_layer: int) -> list[tuple[str, list[int]]]:

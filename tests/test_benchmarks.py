@@ -105,8 +105,9 @@ def test_step_flops_limit():
     full = targeted.step_flops(L, d, T, V, None)
     forward = L * (24 * d * d + 4 * T * d) + 2 * d * V
     assert full == 3 * forward  # backward = 2 x forward when everything trains
-    # top block only: forward + head input-grad + its weight-grad
-    assert targeted.step_flops(L, d, T, V, [L - 1]) == forward + 2 * d * V + 24 * d * d
+    # top block only: forward + head input-grad + its input-grad + its weight-grad
+    w, a = 24 * d * d, 4 * T * d
+    assert targeted.step_flops(L, d, T, V, [L - 1]) == forward + 2 * d * V + (w + 2 * a) + w
     lower = targeted.step_flops(L, d, T, V, [0, 1]) / full
     upper = targeted.step_flops(L, d, T, V, [6, 7]) / full
     assert 1 / 3 < upper < lower < 1
@@ -167,3 +168,28 @@ def test_base_model_sweep_runs_one_tiny_setting(tmp_path):
     default = [x for x in rows if x["steps"] == 1200 and x["dpe"] == 3 and "arch" not in x and "lr" not in x
                and "bs" not in x]
     assert default and all(x["held"] > 0.5 for x in default)
+
+
+def test_flop_model_counts_the_matmuls_autograd_runs():
+    """`step_flops`' structure, checked on autograd's backward: 4 weight matmuls per block;
+    a trained block forms input- and weight-gradients, the blocks between the lowest
+    trained one and the head input-gradients only, the blocks below it nothing."""
+    from torch.profiler import profile
+
+    from gradloc import engine, methods
+
+    def backward_matmuls(blocks):
+        model = common.gpt2(4, 32, 16)
+        method, sel = ({"layers": "all"}, None) if blocks is None else (
+            {"layers": "tgl_fp"}, {"granularity": "block", "units": [f"block.{i}" for i in blocks], "lr_multipliers": {}})
+        prep = methods.prepare(model, method, sel)
+        x, _ = common.random_batch(2, 16)
+        loss = engine.causal_lm_loss(prep.model, {"input_ids": x, "labels": x})
+        with profile() as p:
+            loss.backward()
+        return sum(e.name == "aten::mm" for e in p.events())
+
+    assert backward_matmuls(None) == 4 * 4 * 2 + 2  # + head input-grad, tied embedding weight-grad
+    for blocks in ([0], [3], [0, 1], [2, 3]):
+        m = min(blocks)
+        assert backward_matmuls(blocks) == 4 * (4 - m) + 4 * len(blocks) + 1, blocks
