@@ -4,11 +4,14 @@ world's mixed-training settings and the model's size and steps.
 
     python benchmarks/base_model_sweep.py GRID.json [--procs N] [--out results.jsonl]
 
-GRID.json is a list of settings, each overriding the defaults below: `steps`, `dpe`
-(docs_per_entity), `share` (probe_worded_share), `infobox` (probe templates in the
-infoboxes), `arch` (GPT-2 sizes), `lr`, `bs`, `wseed` (the world's seed). Each setting
-builds the default-sized world, trains the base model as `gradloc base-model` does
-(on a GPU when there is one) and prints one JSON line with top-1 on three probe sets:
+GRID.json is a list of settings, each overriding the default config
+(`config/config.yaml`, completed with the schema's defaults by `gradloc.schema.fill`;
+no defaults live here): `steps`, `dpe` (docs_per_entity), `share` (probe_worded_share),
+`infobox` (probe templates in the infoboxes), `arch` (GPT-2 sizes, over the config's),
+`lr`, `bs`, `wseed` (the world's seed). Each setting builds the world, trains the base
+model with `gradloc.basemodel.build_base_model` (the training engine, on a GPU when there
+is one, bf16 there by the schema's `precision: auto`) and prints one JSON line with top-1
+on three probe sets:
 `held` the held-out T0 probes (what `gradloc base-model` reports: facts never seen in
 probe wording), `docwording` the same facts asked in the documents' possessive wording,
 `worded` the probe-worded entities' facts (seen in probe wording). Runs go in parallel
@@ -27,9 +30,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-WORLD = {"seed": 0, "n_entities": 240, "n_snapshots": 3, "update_rate": 0.25, "new_rate": 0.12}  # T0 ignores the rates
-ARCH = {"n_layer": 6, "n_embd": 128, "n_head": 4, "n_positions": 128}
-PROBES = {"subject_cap": 0.05, "relation_cap": 0.25, "seed": 0}  # config/config.yaml's
+CONFIG = ROOT / "config" / "config.yaml"  # the default run's settings; the schema fills the rest
+
+
+def default_config() -> dict[str, dict]:
+    """The default config's world, probes and model slices with the schema's defaults filled."""
+    import yaml
+
+    from gradloc import schema
+
+    cfg = yaml.safe_load(CONFIG.read_text())
+    return {"world": schema.fill("data.synthetic", cfg["data"].get("synthetic"), where="data.synthetic"),
+            "probes": schema.fill("probes", cfg.get("probes"), where="probes"),
+            "model": schema.fill("model", cfg.get("model"), where="model")}
+
+
+def settings_of(setting: dict, base: dict) -> tuple[dict, dict]:
+    """(world params, model params): the default config with the setting's overrides."""
+    world = {**base["world"], "seed": setting.get("wseed", base["world"]["seed"]),
+             "docs_per_entity": setting.get("dpe", base["world"]["docs_per_entity"]),
+             "probe_worded_share": setting.get("share", base["world"]["probe_worded_share"])}
+    model = base["model"]
+    pretrain = {**model["pretrain"], **{k: setting[s] for s, k in (("steps", "steps"), ("lr", "lr"), ("bs", "batch_size"))
+                                        if s in setting}}
+    model = {**model, "architecture": {**model["architecture"], **setting.get("arch", {})}, "pretrain": pretrain}
+    return world, model
 
 
 def run(setting: dict) -> dict:
@@ -37,22 +62,20 @@ def run(setting: dict) -> dict:
     from gradloc import basemodel, probes, scoring, split
     from gradloc.data import synthetic
 
+    base = default_config()
+    world_params, params = settings_of(setting, base)
     synthetic.INFOBOX_TEMPLATES = tuple(setting.get("infobox", synthetic.INFOBOX_TEMPLATES))
-    world = synthetic.generate({**WORLD, "seed": setting.get("wseed", 0), "docs_per_entity": setting.get("dpe", 3),
-                                "probe_worded_share": setting.get("share", 0.5)})
+    world = synthetic.generate(world_params)
     docs, triples = world["documents"], world["triples"]
     texts = [r["text"] for r in split.base_sequences(docs)]
     articles = probes.subject_articles(docs, world["entities"], triples)
-    held = probes.build_probes(PROBES, [], triples, articles, synthetic.probe_prefix)
+    held = probes.build_probes(base["probes"], [], triples, articles, synthetic.probe_prefix)
     t0 = triples[triples["snapshot"] == 0]
     worded = t0[~t0["subject_id"].isin(set(held["subject_id"]))].head(400)
     facts = probes.FACT_COLUMNS  # without `prefix`, so assemble words them anew
     sets = {"held": held, "docwording": probes.assemble(0, "docwording", held[facts], synthetic.document_prefix)}
     if len(worded):
         sets["worded"] = probes.assemble(0, "worded", worded[facts], synthetic.probe_prefix)
-    params = {"architecture": setting.get("arch", ARCH), "tokenizer": {"vocab_size": 2048},
-              "pretrain": {"steps": setting.get("steps", 1200), "batch_size": setting.get("bs", 32),
-                           "lr": setting.get("lr", 3e-3), "seq_len": 128, "seed": 0}}
     dev = basemodel.device()
     started = time.time()
     model, tokenizer, rows = basemodel.build_base_model(params, texts, dev)

@@ -1,0 +1,1 @@
+"""gradloc benchmarks: one module per figure, `benchmarks/run.py` runs them (see README.md)."""
