@@ -57,11 +57,12 @@ def make_scheduler(optimizer, name: str, total_steps: int, warmup_steps: int, nu
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token loss mean_t(w_t * CE_t) over positions whose label is not -100; w = 1
     without `weights` (per-token weights, e.g. CaMeLS, are indexed like `labels`)."""
-    target = labels[:, 1:]
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+    # Shift the labels, not the logits: slicing the (B, T, V) logits would copy them.
+    target = F.pad(labels[:, 1:], (0, 1), value=-100)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100,
                          reduction="none").view_as(target)
     mask = (target != -100).to(ce.dtype)
-    w = mask if weights is None else weights[:, 1:].to(ce.dtype) * mask
+    w = mask if weights is None else F.pad(weights[:, 1:], (0, 1)).to(ce.dtype) * mask
     return (ce * w).sum() / mask.sum().clamp(min=1)
 
 

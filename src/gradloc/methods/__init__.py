@@ -101,4 +101,5 @@ def make_optimizer(prepared: Prepared, lr: float, weight_decay: float) -> torch.
                "weight_decay": weight_decay if g["decay"] else 0.0} for g in prepared.groups]
     if "recadam" in prepared.method:
         return RecAdam(groups, lr=lr, **prepared.method["recadam"])
-    return torch.optim.AdamW(groups, lr=lr, foreach=False)
+    # The fused kernel (CPU and GPU), as Hugging Face's Trainer uses by default.
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
