@@ -211,6 +211,8 @@ def fit(accelerator, model, optimizer, scheduler, dataset: Dataset, batches: Ste
     # Per-step losses and gradient-norm checks stay on the device until the next sync
     # point, where a non-finite value stops the run (before any state is saved).
     step_losses, finite, step_lrs = [], [], []
+    # fp16's loss scaler skips steps whose gradients overflow: that is not divergence.
+    check_norms = accelerator.mixed_precision != "fp16"
     bar = tqdm(total=total, initial=progress["step"], desc=desc, file=sys.stderr, mininterval=2,
                disable=not accelerator.is_local_main_process)
     micro = 0
@@ -221,7 +223,9 @@ def fit(accelerator, model, optimizer, scheduler, dataset: Dataset, batches: Ste
             loss = loss_fn(model, batch)
             accelerator.backward(loss)
             if accelerator.sync_gradients and grad_clip:
-                finite.append(torch.isfinite(accelerator.clip_grad_norm_(model.parameters(), grad_clip)))
+                norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+                if check_norms:
+                    finite.append(torch.isfinite(norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
