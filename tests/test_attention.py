@@ -211,3 +211,13 @@ def test_training_with_copies_writes_the_inspection(world, tmp_path, method):
     with pytest.raises(InputError, match="--attention"):
         train.run(params, init=world / "base_model", tokens=world / "tokens", selection=sel, period=1, seed=0,
                   out=tmp_path / "x")
+
+
+def test_report_has_a_token_dropout_section():
+    from gradloc.report.markdown import augment_section
+
+    a = {"kind": "random", "copies": 2, "drop_rate_per_copy": [0.4, 0.5], "keep_rate_marked": 0.5,
+         "keep_rate_other": 0.6, "marked_enrichment": 0.9}
+    text = augment_section([{"method": "r", "period": 1, "augment": a}, {"method": "full", "period": 1}])
+    assert "## Token dropout" in text and "| r | 1 | random | 2 | 0.450 | 0.500 | 0.600 | 0.900 |" in text
+    assert augment_section([{"method": "full", "period": 1}]) == ""

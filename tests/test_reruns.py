@@ -65,9 +65,16 @@ REPORT = {("report", "report/table.csv")}
 DATA = {("download", "corpus"), ("split", "split"), ("tag", "tagged"), ("probes", "probes")}
 
 
+def attention_jobs(cfg: dict) -> set[tuple[str, str]]:
+    """The small model and per-period scores, when some method has an `augment` part."""
+    if not any("augment" in m for m in cfg["train"]["methods"].values()):
+        return set()
+    return {("small_model", "small_model")} | {("attention", f"attention/P{p}") for p in periods(cfg)}
+
+
 def all_jobs(cfg: dict) -> set[tuple[str, str]]:
     return (DATA | {("base_model", "base_model"), ("tokens", "tokens"), ("profile", "profile"),
-                    ("select", "select/selection.json")}
+                    ("select", "select/selection.json")} | attention_jobs(cfg)
             | {("evaluate_base", f"eval/base/P{p}") for p in periods(cfg)}
             | train_and_eval(cfg, cfg["train"]["methods"]) | REPORT)
 
