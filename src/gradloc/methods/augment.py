@@ -109,9 +109,12 @@ def inspect(docs: list[np.ndarray], masks: list[list[np.ndarray]], marked: list[
     if pick is not None:
         words = []
         for t, k, mk in zip(docs[pick].tolist(), masks[pick][0], marked[pick]):
-            w = tokenizer.decode([t]).replace("\n", " ").strip() or "␣"
-            w = f"**{w}**" if mk else w
-            words.append(w if k else f"~~{w}~~")
+            w = tokenizer.decode([t]).replace("\n", " ")
+            core = w.strip()
+            if core:
+                core = f"**{core}**" if mk else core
+                w = w[:len(w) - len(w.lstrip())] + (core if k else f"~~{core}~~")
+            words.append(w)
         lines += ["First copy of one document (~~struck~~: dropped; **bold**: entity/object token):", "",
-                  "> " + " ".join(words), ""]
+                  "> " + "".join(words).strip(), ""]
     return summary, "\n".join(lines)
