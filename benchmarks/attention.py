@@ -25,7 +25,7 @@ from gradloc import attention
 
 def model(n_layer, n_embd, n_head, seq_len, vocab, impl):
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=seq_len, vocab_size=vocab,
+    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=seq_len, vocab_size=vocab, bos_token_id=0, eos_token_id=0,
                      attn_implementation=impl)
     return GPT2LMHeadModel(cfg).eval()
 
