@@ -154,6 +154,14 @@ def test_job_model_matches_the_workflow(tmp_path):
     assert planned_jobs(run.stdout + run.stderr, results) == all_jobs(cfg)
 
 
+def test_small_model_setting_reruns_the_scores_and_the_token_dropout_methods(completed):
+    _, _, cfg = completed
+    augmented = [m for m, v in cfg["train"]["methods"].items() if "augment" in v]
+    assert augmented and len(augmented) < len(cfg["train"]["methods"])
+    jobs = dry_run_with(completed, {"attention": {"small_model": {"steps": 7}}})
+    assert jobs == attention_jobs(cfg) | train_and_eval(cfg, augmented) | REPORT
+
+
 def test_report_setting_reruns_only_the_report(completed):
     jobs = dry_run_with(completed, {"report": {"title": "another title"}})
     assert jobs == REPORT
