@@ -124,7 +124,7 @@ def test_hand_run_fills_the_same_defaults_as_snakemake():
 
     config = {"data": {"source": "synthetic"}, "train": {"methods": {"full": {}}}}
     validate(config, str(ROOT / "src/gradloc/config.schema.yaml"), set_default=True)
-    for section in ("split", "tagging", "probes", "model", "profile", "select", "evaluate", "report"):
+    for section in ("split", "tagging", "probes", "model", "profile", "select", "attention", "evaluate", "report"):
         assert schema.fill(section, {}) == config[section], section
     assert schema.fill("data.synthetic", {}) == config["data"]["synthetic"]
     assert schema.fill("$defs.method", {}) == config["train"]["methods"]["full"]

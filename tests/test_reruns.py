@@ -65,9 +65,16 @@ REPORT = {("report", "report/table.csv")}
 DATA = {("download", "corpus"), ("split", "split"), ("tag", "tagged"), ("probes", "probes")}
 
 
+def attention_jobs(cfg: dict) -> set[tuple[str, str]]:
+    """The small model and per-period scores, when some method has an `augment` part."""
+    if not any("augment" in m for m in cfg["train"]["methods"].values()):
+        return set()
+    return {("small_model", "small_model")} | {("attention", f"attention/P{p}") for p in periods(cfg)}
+
+
 def all_jobs(cfg: dict) -> set[tuple[str, str]]:
     return (DATA | {("base_model", "base_model"), ("tokens", "tokens"), ("profile", "profile"),
-                    ("select", "select/selection.json")}
+                    ("select", "select/selection.json")} | attention_jobs(cfg)
             | {("evaluate_base", f"eval/base/P{p}") for p in periods(cfg)}
             | train_and_eval(cfg, cfg["train"]["methods"]) | REPORT)
 
@@ -145,6 +152,14 @@ def test_job_model_matches_the_workflow(tmp_path):
     run = snakemake("-n", "--configfile", str(TEST_CONFIG), "--config", f"results={results}", timeout=300)
     assert run.returncode == 0, run.stderr[-5000:]
     assert planned_jobs(run.stdout + run.stderr, results) == all_jobs(cfg)
+
+
+def test_small_model_setting_reruns_the_scores_and_the_token_dropout_methods(completed):
+    _, _, cfg = completed
+    augmented = [m for m, v in cfg["train"]["methods"].items() if "augment" in v]
+    assert augmented and len(augmented) < len(cfg["train"]["methods"])
+    jobs = dry_run_with(completed, {"attention": {"small_model": {"steps": 7}}})
+    assert jobs == attention_jobs(cfg) | train_and_eval(cfg, augmented) | REPORT
 
 
 def test_report_setting_reruns_only_the_report(completed):

@@ -137,14 +137,21 @@ def t0_probes(probes_dir) -> pd.DataFrame:
     return df[df["period"] == 0].reset_index(drop=True)
 
 
-def build_base_model(params: dict, texts: list[str], dev: torch.device | None = None, state=None):
+def build_base_model(params: dict, texts: list[str], dev: torch.device | None = None, state=None, tokenizer=None):
     """(model, tokenizer, log rows): a new GPT-2 trained on `texts`, or a loaded model,
-    fine-tuned on them when `teach_t0`."""
+    fine-tuned on them when `teach_t0`. `tokenizer` (a model folder): a new GPT-2 uses
+    that model's tokenizer instead of training one (the small model of an attention pair)."""
     params = with_defaults(params)
     pre = params["pretrain"]
     torch.manual_seed(pre["seed"])
     if params["source"] == "scratch":
-        tokenizer = train_tokenizer(texts, params["tokenizer"]["vocab_size"])
+        if tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            from .models import checkpoint_dir
+            tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir(tokenizer))
+        else:
+            tokenizer = train_tokenizer(texts, params["tokenizer"]["vocab_size"])
         tokenizer.model_max_length = params["architecture"]["n_positions"]
         model = build_gpt2(params["architecture"], tokenizer)
         steps = pre["steps"]
@@ -165,13 +172,13 @@ def _deterministic(dev: torch.device) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def run(params: dict, corpus, split, probes, out, state=None) -> None:
+def run(params: dict, corpus, split, probes, out, state=None, tokenizer=None) -> None:
     params = with_defaults(params)
     dev = device()
     _deterministic(dev)
     started = time.time()
     texts = t0_texts(split)
-    model, tokenizer, rows = build_base_model(params, texts, dev, state=state)
+    model, tokenizer, rows = build_base_model(params, texts, dev, state=state, tokenizer=tokenizer)
     steps = len(rows)
     train_time = time.time() - started
 

@@ -28,14 +28,22 @@ STAGES = {
     "base-model": ("gradloc.basemodel", [("corpus", "corpus folder"), ("split", "split folder"),
                                          ("probes", "probes folder"),
                                          ("state", "folder for resumable training state"),
+                                         ("tokenizer", "model folder whose tokenizer a scratch model uses "
+                                                       "(default: train one on T0)"),
                                          ("out", "output folder")]),
     "tokens": ("gradloc.tokens", [("model", "base model folder (its tokenizer)"), ("tagged", "tagged folder"),
                                   ("out", "output folder")]),
     "profile": ("gradloc.profile", [("model", "base model folder"), ("tokens", "tokens folder"),
                                     ("probes", "probes folder"), ("out", "output folder")]),
+    "attention": ("gradloc.attention", [("large", "the larger model (the base model)"),
+                                        ("small", "the smaller model, same tokenizer"), ("tokens", "tokens folder"),
+                                        ("tagged", "tagged folder (entity mentions, for the marks)"),
+                                        ("probes", "probes folder (objects, for the marks)"),
+                                        ("period", "update period index"), ("out", "output folder")]),
     "select": ("gradloc.select", [("profile", "profile folder"), ("out", "selection JSON file")]),
     "train": ("gradloc.train", [("init", "checkpoint to start from (base model or previous period)"),
                                 ("tokens", "tokens folder"), ("selection", "selection JSON file"),
+                                ("attention", "attention folder of this period (augment methods)"),
                                 ("period", "update period index (1..n)"), ("seed", "random seed"),
                                 ("state", "folder for resumable training state"),
                                 ("gpus", "GPUs the job asked for (0: any device); fail if fewer are visible"),
@@ -53,7 +61,7 @@ STAGES = {
 }
 LIST_ARGS = {"evals", "trains"}
 INT_ARGS = {"period", "seed", "gpus"}
-OPTIONAL_ARGS = {"selection", "state", "gpus", ("evaluate", "method"), ("evaluate", "seed")}  # name or (stage, name)
+OPTIONAL_ARGS = {"selection", "state", "gpus", "tokenizer", "attention", ("attention", "probes"), ("evaluate", "method"), ("evaluate", "seed")}  # name or (stage, name)
 
 
 def parse_params(text: str) -> dict:

@@ -21,7 +21,7 @@ import torch
 
 from . import engine, methods, schema
 from .io import InputError, atomic_output, write_json
-from .methods import replay
+from .methods import augment, replay
 from .models import max_positions
 from .tokens import load as load_tokens
 
@@ -103,7 +103,8 @@ def period_docs(tokens, period: int) -> tuple[list[np.ndarray], list[np.ndarray]
 
 # --- the stage ------------------------------------------------------------------------------
 
-def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None, out="train", gpus=0) -> dict:
+def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None, out="train", gpus=0,
+        attention=None) -> dict:
     from accelerate.utils import set_seed
 
     cfg = settings(params)
@@ -125,6 +126,9 @@ def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None
     diff_docs, base_docs = period_docs(toks, period)
     if "replay" in cfg["method"] and not base_docs:
         raise InputError(f"replay: {toks.path} has no split == 'base' documents to replay")
+    extra = {}
+    if "augment" in cfg["method"]:  # token-dropout copies beside each document (methods/augment.py)
+        diff_docs, extra = augmented(diff_docs, cfg["method"]["augment"], attention, toks, tokenizer, seed, period)
     diff = cut_blocks(with_eos(diff_docs, eos), cfg["seq_len"], pad_id)
     data = Epochs(diff, with_eos(base_docs, eos), cfg, seed, pad_id)
     W, A, B = accelerator.num_processes, cfg["grad_accum"], cfg["batch_size"]
@@ -142,7 +146,7 @@ def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None
     optimizer = methods.make_optimizer(prepared, cfg["lr"], cfg["weight_decay"])
     scheduler = engine.make_scheduler(optimizer, cfg["schedule"], total_steps, int(cfg["warmup_ratio"] * total_steps),
                                       W)
-    fp = engine.fingerprint(cfg, [init, tokens, selection], period, seed, W)
+    fp = engine.fingerprint(cfg, [init, tokens, selection, attention], period, seed, W)
     model, optimizer, progress = engine.fit(
         accelerator, prepared.model, optimizer, scheduler, data, engine.StepBatches(rows, total_steps, A, W),
         grad_clip=cfg["grad_clip"], log_every=cfg["log_every"], desc=f"train {cfg['name']} P{period}",
@@ -150,13 +154,29 @@ def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None
 
     metrics = {}
     if accelerator.is_main_process:
-        run_info = {"device": str(accelerator.device), "processes": W, "mixed_precision": accelerator.mixed_precision}
+        run_info = {"device": str(accelerator.device), "processes": W, "mixed_precision": accelerator.mixed_precision,
+                    **{k: v for k, v in extra.items() if k != "augment.md"}}
         metrics = write_outputs(accelerator.unwrap_model(model), tokenizer, optimizer, prepared, cfg, progress,
-                                total_steps, n_diff=data.n_diff, out=out, period=period, seed=seed, run_info=run_info)
+                                total_steps, n_diff=data.n_diff, out=out, period=period, seed=seed, run_info=run_info,
+                                files={k: v for k, v in extra.items() if k == "augment.md"})
     accelerator.wait_for_everyone()
     if state and accelerator.is_main_process:
         shutil.rmtree(state, ignore_errors=True)  # finished: the resumable state is spent
     return metrics
+
+
+def augmented(docs, aug: dict, attention, toks, tokenizer, seed: int, period: int):
+    """(documents with their token-dropout copies, {"augment": summary, "augment.md": text})."""
+    from . import attention as scores_of
+
+    if not attention:
+        raise InputError("augment: needs --attention (the `gradloc attention` folder of this period)")
+    scores = scores_of.load(attention, toks, period)
+    protected = augment.protected_ids(tokenizer)
+    out, masks = augment.apply(docs, scores, aug, protected, seed, period)
+    summary, text = augment.inspect(docs, masks, scores["marked"], protected, aug, tokenizer)
+    log.info("augment %s: %d documents -> %d (%s)", aug["kind"], len(docs), len(out), summary)
+    return out, {"augment": summary, "augment.md": text}
 
 
 def optimizer_state_bytes(optimizer) -> int:
@@ -165,7 +185,7 @@ def optimizer_state_bytes(optimizer) -> int:
 
 
 def write_outputs(model, tokenizer, optimizer, prepared, cfg, progress, total_steps, n_diff, out, period, seed,
-                  run_info=None):
+                  run_info=None, files=None):
     params = {id(p): p for p in model.parameters()}.values()
     n_replay = round(cfg["method"]["replay"]["ratio"] * n_diff) if "replay" in cfg["method"] else 0
     metrics = {
@@ -187,6 +207,8 @@ def write_outputs(model, tokenizer, optimizer, prepared, cfg, progress, total_st
             writer.writeheader()
             writer.writerows(progress["log"])
         write_json(metrics, tmp / "metrics.json")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
     log.info("trained %s P%d seed %d: %d steps, %d tokens, %d/%d parameters trainable, final loss %s",
              cfg["name"], period, seed, total_steps, progress["tokens"], metrics["trainable_params"],
              metrics["total_params"], metrics["final_loss"])

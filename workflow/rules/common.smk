@@ -80,6 +80,30 @@ def needs_selection(method):
     return config["train"]["methods"][method].get("layers", "all") != "all"
 
 
+def needs_attention(method):
+    return "augment" in config["train"]["methods"][method]
+
+
+def attention_input(w):
+    return [f"{R}/attention/P{w.period}"] if needs_attention(w.method) else []
+
+
+def attention_params():
+    """The scoring settings only: the small model's settings rerun it, and it reruns this."""
+    a = config.get("attention", {})
+    return json.dumps({k: v for k, v in a.items() if k != "small_model"}, sort_keys=True, separators=(",", ":"))
+
+
+def small_model_params():
+    """The base model's settings with `attention.small_model` on top (a smaller GPT-2 by default)."""
+    m, s = config.get("model", {}), config.get("attention", {}).get("small_model", {})
+    out = {**m, "source": s.get("source", "scratch"), "name_or_path": s.get("name_or_path"),
+           "gguf_file": s.get("gguf_file"), "revision": None if s.get("source", "scratch") != "scratch" else m.get("revision"),
+           "architecture": {**m.get("architecture", {}), **s.get("architecture", {})},
+           "pretrain": {**m.get("pretrain", {}), "steps": s.get("steps", 600)}}
+    return json.dumps(out, sort_keys=True, separators=(",", ":"))
+
+
 def previous_checkpoint(w):
     p = int(w.period)
     if p == 1:

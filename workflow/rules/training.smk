@@ -3,11 +3,13 @@ rule train:
         init=previous_checkpoint,
         tokens=rules.tokens.output[0],
         selection=selection_input,
+        attention=attention_input,
     output:
         directory(f"{R}/train/{{method}}/seed{{seed}}/P{{period}}"),
     params:
         p=lambda w: train_params(w.method),
         selection=lambda w, input: f"--selection {input.selection[0]}" if input.selection else "",
+        attention=lambda w, input: f"--attention {input.attention[0]}" if input.attention else "",
         # Resumable state lives outside the output, which Snakemake deletes after a failure.
         state=f"{R}/.train_state/{{method}}/seed{{seed}}/P{{period}}",
         # `gpu: N` (e.g. --set-resources train:gpu=4) trains data-parallel on N GPUs.
@@ -24,5 +26,5 @@ rule train:
         "../../envs/train.yaml"
     shell:
         "{params.launcher} train --params {params.p:q} --init {input.init} --tokens {input.tokens}"
-        " {params.selection} --period {wildcards.period} --seed {wildcards.seed}"
+        " {params.selection} {params.attention} --period {wildcards.period} --seed {wildcards.seed}"
         " --state {params.state} --gpus {resources.gpu} --out {output} > {log} 2>&1"

@@ -42,6 +42,7 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out) -> No
         # Plain "\n" and a fixed float format: the same inputs give the same bytes.
         result.to_csv(tmp / "table.csv", index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
         text = markdown.markdown(result, primary, params["title"], base_metrics, sets, averaged)
+        text += markdown.augment_section([read_json(Path(t) / "metrics.json") for t in trains])
         (tmp / "table.md").write_text(text + "\n")
         figures.render_heatmap(profile, tmp / "heatmap.png", dpi)
         figures.tradeoff(result, order, primary, tmp / "tradeoff.png", dpi, averaged)

@@ -125,3 +125,27 @@ def markdown(table: pd.DataFrame, primary: str, title: str, base_metrics: dict, 
             lines += [f"## {heading}: top1", ""] + md_table(part, top1_cols) + [""]
         lines += [f"## {heading}: training cost", ""] + md_table(part, cost_cols) + [""]
     return "\n".join(lines)
+
+
+def augment_section(metrics: list[dict]) -> str:
+    """Token-dropout methods (an `augment` part): drop rate per copy and whether kept tokens
+    are enriched for entity/object tokens, per method and period (mean over seeds);
+    each train folder's augment.md shows a document with its dropped tokens."""
+    rows = [(m["method"], m["period"], m["augment"]) for m in metrics if isinstance(m.get("augment"), dict)]
+    if not rows:
+        return ""
+    df = pd.DataFrame([{"method": k, "period": p, "kind": a["kind"],
+                        "drop": sum(a["drop_rate_per_copy"]) / max(1, len(a["drop_rate_per_copy"])),
+                        "copies": a["copies"], "marked": a["keep_rate_marked"], "other": a["keep_rate_other"],
+                        "enrichment": a["marked_enrichment"]} for k, p, a in rows])
+    df = df.groupby(["method", "period", "kind"], sort=False).mean(numeric_only=True).reset_index()
+    lines = ["", "", "## Token dropout", "",
+             "Copies per document, mean drop rate of droppable tokens per copy, keep rate of entity/object "
+             "tokens vs other tokens, and enrichment (entity/object keep rate / overall keep rate; random "
+             "dropout gives ~1). Mean over seeds; `train/<method>/seed<s>/P<p>/augment.md` shows a document.", "",
+             "| method | period | kind | copies | drop rate | keep entity/object | keep other | enrichment |",
+             "|---|---|---|---|---|---|---|---|"]
+    for _, r in df.iterrows():
+        lines.append(f"| {r['method']} | {r['period']} | {r['kind']} | {r['copies']:.0f} | {fmt(r['drop'])} | "
+                     f"{fmt(r['marked'])} | {fmt(r['other'])} | {fmt(r['enrichment'])} |")
+    return "\n".join(lines)
