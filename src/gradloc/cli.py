@@ -33,6 +33,8 @@ STAGES = {
                                   ("out", "output folder")]),
     "profile": ("gradloc.profile", [("model", "base model folder"), ("tokens", "tokens folder"),
                                     ("probes", "probes folder"), ("out", "output folder")]),
+    "subnet": ("gradloc.subnet", [("model", "base model folder"), ("probes", "probes folder"),
+                                  ("tokens", "tokens folder"), ("out", "output folder")]),
     "select": ("gradloc.select", [("profile", "profile folder"), ("out", "selection JSON file")]),
     "train": ("gradloc.train", [("init", "checkpoint to start from (base model or previous period)"),
                                 ("tokens", "tokens folder"), ("selection", "selection JSON file"),
@@ -49,11 +51,12 @@ STAGES = {
                                                 "checkpoint's metrics.json, else none)")]),
     "report": ("gradloc.report", [("evals", "evaluation folders (list)"), ("trains", "training folders (list)"),
                                   ("profile", "profile folder"), ("base_model", "base model folder"),
-                                  ("out", "output folder")]),
+                                  ("out", "output folder"),
+                                  ("subnet", "subnet folder (knowledge-critical subnetworks; optional)")]),
 }
 LIST_ARGS = {"evals", "trains"}
 INT_ARGS = {"period", "seed", "gpus"}
-OPTIONAL_ARGS = {"selection", "state", "gpus", ("evaluate", "method"), ("evaluate", "seed")}  # name or (stage, name)
+OPTIONAL_ARGS = {"selection", "state", "gpus", ("report", "subnet"), ("evaluate", "method"), ("evaluate", "seed")}  # name or (stage, name)
 
 
 def parse_params(text: str) -> dict:
