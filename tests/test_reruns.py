@@ -66,7 +66,7 @@ DATA = {("download", "corpus"), ("split", "split"), ("tag", "tagged"), ("probes"
 
 
 def all_jobs(cfg: dict) -> set[tuple[str, str]]:
-    return (DATA | {("base_model", "base_model"), ("tokens", "tokens"), ("profile", "profile"),
+    return (DATA | {("base_model", "base_model"), ("tokens", "tokens"), ("profile", "profile"), ("subnet", "subnet"),
                     ("select", "select/selection.json")}
             | {("evaluate_base", f"eval/base/P{p}") for p in periods(cfg)}
             | train_and_eval(cfg, cfg["train"]["methods"]) | REPORT)
@@ -145,6 +145,12 @@ def test_job_model_matches_the_workflow(tmp_path):
     run = snakemake("-n", "--configfile", str(TEST_CONFIG), "--config", f"results={results}", timeout=300)
     assert run.returncode == 0, run.stderr[-5000:]
     assert planned_jobs(run.stdout + run.stderr, results) == all_jobs(cfg)
+
+
+def test_subnet_setting_reruns_only_the_subnet_and_the_report(completed):
+    _, _, cfg = completed
+    jobs = dry_run_with(completed, {"subnet": {"steps": cfg["subnet"]["steps"] + 1}})
+    assert jobs == {("subnet", "subnet")} | REPORT
 
 
 def test_report_setting_reruns_only_the_report(completed):

@@ -235,7 +235,7 @@ def removed(lm, masks: dict[str, np.ndarray]):
     params = dict(out.named_parameters())
     with torch.no_grad():
         for n, m in masks.items():
-            params[n].mul_(1 - torch.as_tensor(np.asarray(m), dtype=params[n].dtype, device=params[n].device))
+            params[n].mul_(1 - torch.tensor(np.asarray(m), dtype=params[n].dtype, device=params[n].device))
     return out
 
 
