@@ -110,5 +110,28 @@ def test_planted_block_is_found_and_its_removal_forgets_only_the_target():
     # A random mask of the same per-tensor density is not selective: it takes the
     # target and the control down alike (at this tiny size it does damage both).
     rand = subnet.removed(model, subnet.random_like(full, 0))
-    assert top1(rand, tok, target) >= top1(gone, tok, target) + 0.1
-    assert top1(rand, tok, control) <= top1(gone, tok, control)
+    g, r = (subnet.removal_metrics(m, tok, target, control, [], 16) for m in (gone, rand))
+    # At this size a random ~15% mask damages everything (target ppl ~150 vs the
+    # subnetwork's ~70), so the test is selectivity: the subnetwork's removal keeps the
+    # control far better and hits the target relative to the control harder.
+    assert g["control_top1"] >= r["control_top1"] and g["control_object_ppl"] < r["control_object_ppl"]
+    assert g["target_object_ppl"] / g["control_object_ppl"] > 1.3 * r["target_object_ppl"] / r["control_object_ppl"]
+
+
+def test_localization_rank_correlation():
+    """The report pairs each mask's density with the matching TGL type's relative norm."""
+    from gradloc.report import table
+
+    units = [f"block.{i}" for i in range(5)]
+    density = pd.DataFrame({"knowledge_set": "outdated_P1", "kind": "outdated", "period": 1, "seed": 0,
+                            "granularity": "block", "unit": units, "layer": range(5),
+                            "density": [0.01, 0.02, 0.05, 0.03, 0.04]})
+    relative = pd.concat([
+        pd.DataFrame({"knowledge_type": "updated", "granularity": "block", "unit": units,
+                      "rel": [1.0, 1.1, 1.5, 1.2, 1.3]}),
+        pd.DataFrame({"knowledge_type": "new", "granularity": "block", "unit": units, "rel": [5, 4, 3, 2, 1.0]})])
+    paired, corr = table.localization(density, relative, n_boot=200)
+    assert len(paired) == 5 and set(paired["knowledge_type"]) == {"updated"}
+    row = corr.iloc[0]
+    assert row["spearman"] == pytest.approx(1.0) and row["hi"] == pytest.approx(1.0) and row["lo"] <= 1.0
+    assert row["top_density"] == row["top_rel"] == "block.2"
