@@ -73,7 +73,7 @@ def attention_jobs(cfg: dict) -> set[tuple[str, str]]:
 
 
 def all_jobs(cfg: dict) -> set[tuple[str, str]]:
-    return (DATA | {("base_model", "base_model"), ("tokens", "tokens"), ("profile", "profile"),
+    return (DATA | {("base_model", "base_model"), ("tokens", "tokens"), ("profile", "profile"), ("subnet", "subnet"),
                     ("select", "select/selection.json")} | attention_jobs(cfg)
             | {("evaluate_base", f"eval/base/P{p}") for p in periods(cfg)}
             | train_and_eval(cfg, cfg["train"]["methods"]) | REPORT)
@@ -160,6 +160,12 @@ def test_small_model_setting_reruns_the_scores_and_the_token_dropout_methods(com
     assert augmented and len(augmented) < len(cfg["train"]["methods"])
     jobs = dry_run_with(completed, {"attention": {"small_model": {"steps": 7}}})
     assert jobs == attention_jobs(cfg) | train_and_eval(cfg, augmented) | REPORT
+
+
+def test_subnet_setting_reruns_only_the_subnet_and_the_report(completed):
+    _, _, cfg = completed
+    jobs = dry_run_with(completed, {"subnet": {"steps": cfg["subnet"]["steps"] + 1}})
+    assert jobs == {("subnet", "subnet")} | REPORT
 
 
 def test_report_setting_reruns_only_the_report(completed):

@@ -40,6 +40,8 @@ STAGES = {
                                         ("tagged", "tagged folder (entity mentions, for the marks)"),
                                         ("probes", "probes folder (objects, for the marks)"),
                                         ("period", "update period index"), ("out", "output folder")]),
+    "subnet": ("gradloc.subnet", [("model", "base model folder"), ("probes", "probes folder"),
+                                  ("tokens", "tokens folder"), ("out", "output folder")]),
     "select": ("gradloc.select", [("profile", "profile folder"), ("out", "selection JSON file")]),
     "train": ("gradloc.train", [("init", "checkpoint to start from (base model or previous period)"),
                                 ("tokens", "tokens folder"), ("selection", "selection JSON file"),
@@ -57,11 +59,13 @@ STAGES = {
                                                 "checkpoint's metrics.json, else none)")]),
     "report": ("gradloc.report", [("evals", "evaluation folders (list)"), ("trains", "training folders (list)"),
                                   ("profile", "profile folder"), ("base_model", "base model folder"),
-                                  ("out", "output folder")]),
+                                  ("out", "output folder"),
+                                  ("subnet", "subnet folder (knowledge-critical subnetworks; optional)")]),
 }
 LIST_ARGS = {"evals", "trains"}
 INT_ARGS = {"period", "seed", "gpus"}
-OPTIONAL_ARGS = {"selection", "state", "gpus", "tokenizer", "attention", ("attention", "probes"), ("evaluate", "method"), ("evaluate", "seed")}  # name or (stage, name)
+OPTIONAL_ARGS = {"selection", "state", "gpus", "tokenizer", "attention", ("attention", "probes"), ("report", "subnet"),
+                 ("evaluate", "method"), ("evaluate", "seed")}  # name or (stage, name)
 
 
 def parse_params(text: str) -> dict:

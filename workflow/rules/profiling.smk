@@ -19,3 +19,26 @@ rule profile:
     shell:
         "python -m gradloc profile --params {params.p:q} --model {input.model} --tokens {input.tokens}"
         " --probes {input.probes} --out {output} > {log} 2>&1"
+
+
+rule subnet:
+    input:
+        model=rules.base_model.output[0],
+        probes=rules.probes.output[0],
+        tokens=rules.tokens.output[0],
+    output:
+        directory(f"{R}/subnet"),
+    params:
+        p=cfg("subnet"),
+    log:
+        f"{R}/logs/subnet.log",
+    benchmark:
+        f"{R}/benchmarks/subnet.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m gradloc subnet --params {params.p:q} --model {input.model} --probes {input.probes}"
+        " --tokens {input.tokens} --out {output} > {log} 2>&1"

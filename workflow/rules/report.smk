@@ -3,6 +3,7 @@ rule report:
         evals=report_evals,
         trains=report_trains,
         profile=rules.profile.output[0],
+        subnet=rules.subnet.output[0],
         base_model=rules.base_model.output[0],
     # report(...) marks what `snakemake --report report.html` embeds; captions are
     # relative to this file.
@@ -15,6 +16,8 @@ rule report:
                        labels={"figure": "relative gradient norm"}),
         tradeoff=report(f"{R}/report/tradeoff.png", caption="../report/tradeoff.rst", category="Results",
                         labels={"figure": "uptake vs forgetting"}),
+        localization=report(f"{R}/report/localization.png", caption="../report/localization.rst",
+                            category="Gradient profile", labels={"figure": "mask density vs gradient norm"}),
         curves=report(f"{R}/report/curves.png", caption="../report/curves.rst", category="Training",
                       labels={"figure": "training loss"}),
     params:
@@ -26,4 +29,4 @@ rule report:
         "../../envs/data.yaml"
     shell:
         "python -m gradloc report --params {params.p:q} --evals {input.evals} --trains {input.trains}"
-        " --profile {input.profile} --base-model {input.base_model} --out {params.out} > {log} 2>&1"
+        " --profile {input.profile} --subnet {input.subnet} --base-model {input.base_model} --out {params.out} > {log} 2>&1"

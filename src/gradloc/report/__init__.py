@@ -4,7 +4,8 @@ into one table (CSV + Markdown) and three figures.
 - `table`: inputs as DataFrames (method, seed and period from each summary.json and
   train metrics.json) and every table computation, plain pandas; definitions there.
 - `markdown`: table.md.
-- `figures`: heatmap, uptake vs forgetting, training curves (the only matplotlib).
+- `figures`: heatmap, uptake vs forgetting, training curves, and (with `subnet`) mask density
+  vs gradient norm per layer (the only matplotlib).
 This module reads the inputs, calls those, and writes the outputs atomically.
 """
 
@@ -14,7 +15,7 @@ import logging
 from pathlib import Path
 
 from .. import schema
-from ..io import InputError, atomic_output, read_json
+from ..io import InputError, atomic_output, read_json, read_table
 from . import markdown, table  # figures (matplotlib) is imported in run() only
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 FLOAT_FORMAT = "%.10g"  # enough digits for any ppl, none of the 0.30000000000000004 noise
 
 
-def run(params: dict, evals: list, trains: list, profile, base_model, out) -> None:
+def run(params: dict, evals: list, trains: list, profile, base_model, out, subnet=None) -> None:
     from . import figures
 
     params = schema.fill("report", params, where="report params")
@@ -38,11 +39,24 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out) -> No
     sets, averaged = table.probe_sets(evals_df), table.uptake_sets(evals_df)
     result = table.build_table(evals_df, order, primary, costs)
 
+    sub = None
+    if subnet is not None:  # knowledge-critical subnetworks vs the gradient profile
+        removal = table.removal_table(read_table(Path(subnet) / "removal.csv"))
+        relative = read_table(Path(profile) / "relative.csv", ["knowledge_type", "granularity", "unit", "rel"])
+        paired, correlations = table.localization(read_table(Path(subnet) / "density.csv"), relative,
+                                                  params["localization_bootstrap"])
+        sub = (removal, paired, correlations)
+        text_extra = markdown.subnet_section(removal, correlations)
+
     with atomic_output(out) as tmp:
         # Plain "\n" and a fixed float format: the same inputs give the same bytes.
         result.to_csv(tmp / "table.csv", index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
         text = markdown.markdown(result, primary, params["title"], base_metrics, sets, averaged)
         text += markdown.augment_section([read_json(Path(t) / "metrics.json") for t in trains])
+        if sub is not None:
+            text += "\n" + "\n".join(text_extra)
+            sub[2].to_csv(tmp / "localization.csv", index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+            figures.localization(sub[1], sub[2], tmp / "localization.png", dpi)
         (tmp / "table.md").write_text(text + "\n")
         figures.render_heatmap(profile, tmp / "heatmap.png", dpi)
         figures.tradeoff(result, order, primary, tmp / "tradeoff.png", dpi, averaged)

@@ -150,3 +150,30 @@ def curves(logs: pd.DataFrame, order: list[str], path: Path, dpi: int) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def localization(paired: pd.DataFrame, correlations: pd.DataFrame, path: Path, dpi: int) -> None:
+    """Per layer (block granularity): mask density (left axis) and TGL's relative
+    gradient norm (right axis), one panel per knowledge set, rho in the title."""
+    blocks = paired[paired["granularity"] == "block"]
+    sets = list(dict.fromkeys(blocks["knowledge_set"])) or ["(none)"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 3.6), squeeze=False)
+    for ax, ks in zip(axes[0], sets):
+        g = blocks[blocks["knowledge_set"] == ks].sort_values("layer")
+        if g.empty:
+            ax.text(0.5, 0.5, "no subnetwork / profile pairs", ha="center", va="center")
+            ax.set_axis_off()
+            continue
+        ax.bar(g["layer"], g["density"], color="tab:orange", alpha=0.7, label="mask density")
+        ax.set_xlabel("layer (block)")
+        ax.set_ylabel("mask density", color="tab:orange")
+        twin = ax.twinx()
+        twin.plot(g["layer"], g["rel"], color="tab:blue", marker="o", label="relative gradient norm")
+        twin.set_ylabel(f"TGL relative norm ({g['knowledge_type'].iat[0]})", color="tab:blue")
+        c = correlations[(correlations["knowledge_set"] == ks) & (correlations["granularity"] == "block")]
+        rho = f"ρ = {c['spearman'].iat[0]:.2f} [{c['lo'].iat[0]:.2f}, {c['hi'].iat[0]:.2f}]" if len(c) else ""
+        ax.set_title(f"{ks}: {rho}", fontsize=9)
+    fig.suptitle("Knowledge-critical subnetwork density vs TGL gradient norm, per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

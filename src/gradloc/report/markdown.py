@@ -149,3 +149,30 @@ def augment_section(metrics: list[dict]) -> str:
         lines.append(f"| {r['method']} | {r['period']} | {r['kind']} | {r['copies']:.0f} | {fmt(r['drop'])} | "
                      f"{fmt(r['marked'])} | {fmt(r['other'])} | {fmt(r['enrichment'])} |")
     return "\n".join(lines)
+
+
+def subnet_section(removal: pd.DataFrame, correlations: pd.DataFrame) -> list[str]:
+    """Knowledge-critical subnetworks: removal metrics and localization vs TGL."""
+    cols = [("target_top1", "target top1"), ("target_object_ppl", "target object ppl"),
+            ("control_top1", "control top1"), ("control_object_ppl", "control object ppl"),
+            ("heldout_ppl", "held-out ppl")]
+    lines = ["## Knowledge-critical subnetworks", "",
+             "A mask over the base model's attention and MLP weights (`gradloc subnet`, Bayazit et al. 2024) "
+             "trained so that the model *without* those weights forgets the target facts and keeps the control "
+             "facts and base text. Rows: nothing removed (`none`), the subnetwork removed (`subnet`), a random "
+             "mask of the same per-tensor density removed (`random`); mean ± std over mask seeds.", "",
+             "| knowledge set | mask | n | " + " | ".join(label for _, label in cols) + " |",
+             "|" + "---|" * (3 + len(cols))]
+    for _, row in removal.iterrows():
+        cells = [f"{fmt(row[f'{c}_mean'])}" + ("" if math.isnan(row[f"{c}_std"]) else f" ± {fmt(row[f'{c}_std'])}")
+                 for c, _ in cols]
+        lines.append(f"| {row['knowledge_set']} | {row['mask']} | {row['n_seeds']} | " + " | ".join(cells) + " |")
+    lines += ["", "Localization: Spearman's ρ between the mask density and TGL's relative gradient norm of the "
+              "matching knowledge type (outdated facts ↔ `updated`, unchanged ↔ `unchanged`) over units, with a "
+              "95% bootstrap interval over units; `densest` / `highest norm`: the unit each method points at.", "",
+              "| knowledge set | TGL type | granularity | units | ρ | 95% interval | densest | highest norm |",
+              "|---|---|---|---|---|---|---|---|"]
+    for _, r in correlations.iterrows():
+        lines.append(f"| {r['knowledge_set']} | {r['knowledge_type']} | {r['granularity']} | {r['n_units']} | "
+                     f"{fmt(r['spearman'])} | [{fmt(r['lo'])}, {fmt(r['hi'])}] | {r['top_density']} | {r['top_rel']} |")
+    return lines + [""]

@@ -284,3 +284,49 @@ def build_table(evals_df: pd.DataFrame, order: list[str], primary: str, costs: p
     per_seed["method"] = per_seed["method"].astype(str)
     table = aggregate(per_seed, cols, order)
     return mark_best(table, cols)
+
+
+# ----------------------------------------------------------------------------- subnetworks
+
+REMOVAL_COLUMNS = ("target_top1", "target_object_ppl", "control_top1", "control_object_ppl", "heldout_ppl")
+TGL_TYPE = {"outdated": "updated", "unchanged": "unchanged"}  # mask target kind -> profile knowledge type
+
+
+def removal_table(removal: pd.DataFrame) -> pd.DataFrame:
+    """subnet/removal.csv as mean and std over seeds per knowledge set and mask
+    (none / subnet / random)."""
+    g = removal.groupby(["knowledge_set", "mask"], sort=False)[list(REMOVAL_COLUMNS)]
+    out = g.mean().add_suffix("_mean").join(g.std(ddof=1).add_suffix("_std")).join(g.size().rename("n_seeds"))
+    return out.reset_index()
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
+    if rx.std() == 0 or ry.std() == 0:
+        return math.nan
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def localization(density: pd.DataFrame, relative: pd.DataFrame, n_boot: int = 1000, seed: int = 0):
+    """(paired, correlations). `paired`: per knowledge set, granularity and unit the mask
+    density (mean over seeds) next to TGL's relative gradient norm for the matching
+    knowledge type (outdated facts <-> `updated`, unchanged <-> `unchanged`).
+    `correlations`: Spearman's rho over the units, with a 95% bootstrap interval over
+    units (pairs resampled with replacement)."""
+    d = density.groupby(["knowledge_set", "kind", "granularity", "unit", "layer"], as_index=False, sort=False)[
+        "density"].mean()
+    d["knowledge_type"] = d["kind"].map(TGL_TYPE)
+    paired = d.merge(relative[["knowledge_type", "granularity", "unit", "rel"]],
+                     on=["knowledge_type", "granularity", "unit"], how="inner")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for (ks, kt, g), grp in paired.groupby(["knowledge_set", "knowledge_type", "granularity"], sort=False):
+        x, y = grp["density"].to_numpy(), grp["rel"].to_numpy()
+        boots = [_spearman(x[i], y[i]) for i in rng.integers(0, len(x), (n_boot, len(x)))]
+        boots = np.asarray([b for b in boots if not math.isnan(b)])
+        lo, hi = np.percentile(boots, [2.5, 97.5]) if len(boots) else (math.nan, math.nan)
+        rows.append({"knowledge_set": ks, "knowledge_type": kt, "granularity": g, "n_units": len(x),
+                     "spearman": _spearman(x, y), "lo": float(lo), "hi": float(hi),
+                     "top_density": grp.loc[grp["density"].idxmax(), "unit"],
+                     "top_rel": grp.loc[grp["rel"].idxmax(), "unit"]})
+    return paired, pd.DataFrame(rows)
