@@ -39,8 +39,8 @@ from torch.func import functional_call
 
 from . import engine, schema
 from .io import InputError, atomic_output, read_table, write_json
-from .models import checkpoint_dir, find_blocks, layer_units, load_model
-from .scoring import encode_probe, ids_logprob, model_max_length, pad_batch, perplexity, score_probes, summarize
+from .models import checkpoint_dir, find_blocks, layer_units, load_model, max_positions
+from .scoring import encode_probe, ids_logprob, pad_batch, perplexity, score_probes, summarize
 from .tokens import load as load_tokens
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def reference_logprobs(lm, ids, mask=None) -> torch.Tensor:
 
 
 def fact_batch(lm, tokenizer, target: pd.DataFrame, control: pd.DataFrame, lm_seqs: list, device) -> dict:
-    max_len = model_max_length(lm)
+    max_len = max_positions(lm)
     seqs, objs = [], []
     for df in (target, control):
         for prefix, obj in zip(df["prefix"].fillna(""), df["object"].astype(str)):
