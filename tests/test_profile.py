@@ -117,7 +117,7 @@ def write_inputs(tmp_path):
 
 def test_run_outputs(tmp_path):
     write_inputs(tmp_path)
-    params = {"n_sequences": 5, "batch_size": 4, "seq_len": 8, "bootstrap": 50}
+    params = {"n_sequences": 5, "batch_size": 4, "seq_len": 8, "bootstrap": 50, "control": "base", "loss": "sequence"}
     profile.run(params, model=tmp_path / "base", tokens=tmp_path / "tokens", probes=tmp_path / "none",
                 out=tmp_path / "profile")
     norms = pd.read_parquet(tmp_path / "profile" / "norms.parquet")
@@ -151,7 +151,7 @@ def test_probe_source(tmp_path):
                   "set": ["new", "updated", "unchanged"] * 2, "subject_id": "x", "subject": "x",
                   "relation": "r", "object": "w3", "prefix": "w1 w2",
                   "statement": [f"w1 w2 w{i + 3}" for i in range(6)]}).to_parquet(tmp_path / "probes" / "probes.parquet")
-    profile.run({"source": "probes", "n_sequences": 4, "bootstrap": 0}, model=tmp_path / "base",
+    profile.run({"source": "probes", "n_sequences": 4, "bootstrap": 0, "control": "base", "loss": "sequence"}, model=tmp_path / "base",
                 tokens=tmp_path / "tokens", probes=tmp_path / "probes", out=tmp_path / "profile")
     norms = pd.read_parquet(tmp_path / "profile" / "norms.parquet")
     assert norms.groupby("knowledge_type")["seq_id"].nunique().to_dict() == {

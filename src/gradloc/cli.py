@@ -32,7 +32,8 @@ STAGES = {
     "tokens": ("gradloc.tokens", [("model", "base model folder (its tokenizer)"), ("tagged", "tagged folder"),
                                   ("out", "output folder")]),
     "profile": ("gradloc.profile", [("model", "base model folder"), ("tokens", "tokens folder"),
-                                    ("probes", "probes folder"), ("out", "output folder")]),
+                                    ("probes", "probes folder"), ("out", "output folder"),
+                                    ("tagged", "tagged folder (mentions, for the salient-span loss)")]),
     "select": ("gradloc.select", [("profile", "profile folder"), ("out", "selection JSON file")]),
     "train": ("gradloc.train", [("init", "checkpoint to start from (base model or previous period)"),
                                 ("tokens", "tokens folder"), ("selection", "selection JSON file"),
@@ -53,7 +54,7 @@ STAGES = {
 }
 LIST_ARGS = {"evals", "trains"}
 INT_ARGS = {"period", "seed", "gpus"}
-OPTIONAL_ARGS = {"selection", "state", "gpus", ("evaluate", "method"), ("evaluate", "seed")}  # name or (stage, name)
+OPTIONAL_ARGS = {"selection", "state", "gpus", ("evaluate", "method"), ("evaluate", "seed"), ("profile", "tagged")}  # name or (stage, name)
 
 
 def parse_params(text: str) -> dict:
