@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pandas as pd
+
 from .. import schema
 from ..io import InputError, atomic_output, read_json
 from . import markdown, table  # figures (matplotlib) is imported in run() only
@@ -37,11 +39,18 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out) -> No
         raise InputError(f"{base_metrics_path}: expected a JSON object")
     sets, averaged = table.probe_sets(evals_df), table.uptake_sets(evals_df)
     result = table.build_table(evals_df, order, primary, costs)
+    vs_full = table.versus_full(table.probe_scores(evals), order, averaged=averaged)
+    if not vs_full.empty:  # method minus full with 95% intervals (issue 11): extra columns
+        result = result.merge(vs_full, on=["method", "period"], how="left")
 
     with atomic_output(out) as tmp:
         # Plain "\n" and a fixed float format: the same inputs give the same bytes.
         result.to_csv(tmp / "table.csv", index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
         text = markdown.markdown(result, primary, params["title"], base_metrics, sets, averaged)
+        extra = table.significance_lines(profile) + table.versus_full_lines(vs_full)
+        text += ("\n\n" + "\n".join(extra)) if extra else ""
+        figures.significance(pd.read_csv(Path(profile) / "relative.csv"), tmp / "significance.png", dpi) \
+            if (Path(profile) / "relative.csv").exists() else None
         (tmp / "table.md").write_text(text + "\n")
         figures.render_heatmap(profile, tmp / "heatmap.png", dpi)
         figures.tradeoff(result, order, primary, tmp / "tradeoff.png", dpi, averaged)
