@@ -65,6 +65,7 @@ def naive_norms(model, ids, mask, units):
         loss.backward()
         out.append([float(sum(params[p].grad.double().pow(2).sum() for p in names if params[p].grad is not None)) ** 0.5
                     for names in units.values()])
+    model.eval()
     model.zero_grad()
     return torch.tensor(out, dtype=torch.float64)
 
@@ -117,7 +118,7 @@ def write_inputs(tmp_path):
 
 def test_run_outputs(tmp_path):
     write_inputs(tmp_path)
-    params = {"n_sequences": 5, "batch_size": 4, "seq_len": 8, "bootstrap": 50}
+    params = {"n_sequences": 5, "batch_size": 4, "seq_len": 8, "bootstrap": 50, "control": "base", "loss": "sequence"}
     profile.run(params, model=tmp_path / "base", tokens=tmp_path / "tokens", probes=tmp_path / "none",
                 out=tmp_path / "profile")
     norms = pd.read_parquet(tmp_path / "profile" / "norms.parquet")
@@ -151,8 +152,75 @@ def test_probe_source(tmp_path):
                   "set": ["new", "updated", "unchanged"] * 2, "subject_id": "x", "subject": "x",
                   "relation": "r", "object": "w3", "prefix": "w1 w2",
                   "statement": [f"w1 w2 w{i + 3}" for i in range(6)]}).to_parquet(tmp_path / "probes" / "probes.parquet")
-    profile.run({"source": "probes", "n_sequences": 4, "bootstrap": 0}, model=tmp_path / "base",
+    profile.run({"source": "probes", "n_sequences": 4, "bootstrap": 0, "control": "base", "loss": "sequence"}, model=tmp_path / "base",
                 tokens=tmp_path / "tokens", probes=tmp_path / "probes", out=tmp_path / "profile")
     norms = pd.read_parquet(tmp_path / "profile" / "norms.parquet")
     assert norms.groupby("knowledge_type")["seq_id"].nunique().to_dict() == {
         "new": 2, "updated": 2, "unchanged": 2, "control": 4}
+
+
+def write_mentions(tmp_path):
+    seqs = pd.read_parquet(tmp_path / "tagged" / "sequences.parquet")
+    rows = []
+    for r in seqs.itertuples():  # the second word of every sequence is an entity mention
+        words = r.text.split(" ")
+        if len(words) >= 2:
+            start = len(words[0]) + 1
+            status = r.knowledge_type if r.knowledge_type in ("new", "updated", "unchanged") else "unchanged"
+            rows.append({"seq_id": r.seq_id, "period": r.period, "entity_id": "e", "start": start,
+                         "end": start + len(words[1]), "status": status})
+    pd.DataFrame(rows).to_parquet(tmp_path / "tagged" / "mentions.parquet")
+
+
+def test_salient_loss_and_controls(tmp_path):
+    model = write_inputs(tmp_path)
+    write_mentions(tmp_path)
+    tok = tokenizer()
+    base = {"n_sequences": 5, "batch_size": 4, "seq_len": 8, "bootstrap": 20}
+    # the default (model trained here, nothing held out): unchanged diff text, disjoint from the unchanged sample
+    p = profile.with_defaults(base)
+    assert (p["control"], p["loss"]) == ("auto", "salient")
+    seqs = profile.diagnostic_sequences(p, tmp_path / "tokens", None, tok, model_dir=tmp_path / "base",
+                                        tagged=tmp_path / "tagged")
+    ctrl = set(seqs.loc[seqs["knowledge_type"] == "control", "seq_id"])
+    assert ctrl and not ctrl & set(seqs.loc[seqs["knowledge_type"] == "unchanged", "seq_id"])
+    assert all(int(s[1:]) >= 12 for s in ctrl)  # diff (train) sequences, not base
+    # the salient mask marks exactly the second word (after the leading ids)
+    for ids, mask in zip(seqs["ids"], seqs["mask"]):
+        assert sum(mask) == 1 and len(mask) == len(ids) and mask.index(1) >= 1
+    # salient loss == the loss of that one target token: its gradient equals a masked naive one
+    norms = profile.profile_norms(model, tok, seqs, 8, 4)
+    row = seqs.iloc[0]
+    ids = torch.tensor([row["ids"][:8]])
+    model.eval()
+    model.zero_grad()
+    out = model(ids).logits[0, :-1]
+    j = row["mask"].index(1) - 1  # the position predicting the salient token
+    torch.nn.functional.cross_entropy(out[j:j + 1], ids[0, j + 1:j + 2]).backward()
+    naive = torch.sqrt(sum(p.grad.pow(2).sum() for n, p in model.named_parameters() if n.startswith("transformer.h.0.")))
+    got = norms[(norms["seq_id"] == row["seq_id"]) & (norms["unit"] == "block.0")]["norm"].iloc[0]
+    assert abs(got - naive.item()) < 1e-4 * max(1.0, naive.item())
+    # base control: the old behaviour
+    seqs_b = profile.diagnostic_sequences({**p, "control": "base"}, tmp_path / "tokens", None, tok,
+                                          model_dir=tmp_path / "base", tagged=tmp_path / "tagged")
+    assert all(int(s[1:]) < 12 for s in seqs_b.loc[seqs_b["knowledge_type"] == "control", "seq_id"])
+    # heldout_base: only T0 sequences the base model listed as held out; refused without them
+    with pytest.raises(Exception, match="held out no T0 text"):
+        profile.diagnostic_sequences({**p, "control": "heldout_base"}, tmp_path / "tokens", None, tok,
+                                     model_dir=tmp_path / "base", tagged=tmp_path / "tagged")
+    (tmp_path / "base" / "heldout_base.txt").write_text("s1\ns2\n")
+    (tmp_path / "base" / "metrics.json").write_text('{"source": "scratch", "heldout_base": 2}')
+    assert profile.resolve_control(p, tmp_path / "base") == "heldout_base"
+    seqs_h = profile.diagnostic_sequences(p, tmp_path / "tokens", None, tok, model_dir=tmp_path / "base",
+                                          tagged=tmp_path / "tagged")
+    assert set(seqs_h.loc[seqs_h["knowledge_type"] == "control", "seq_id"]) == {"s1", "s2"}
+    (tmp_path / "base" / "metrics.json").write_text('{"source": "pretrained", "teach_t0": false}')
+    assert profile.resolve_control(p, tmp_path / "base") == "base"
+    # the stage end to end with the defaults
+    profile.run(base, model=tmp_path / "base", tokens=tmp_path / "tokens", probes=tmp_path / "none",
+                out=tmp_path / "profile", tagged=tmp_path / "tagged")
+    rel = pd.read_csv(tmp_path / "profile" / "relative.csv")
+    cand = rel[rel["unit"].str.match(r"^block\.\d+$")]
+    assert cand[["d", "d_lo", "d_hi"]].notna().all().all() and rel.loc[rel["unit"] == "embed", "d"].isna().all()
+    assert (cand["d_lo"] <= cand["d"]).all() and (cand["d"] <= cand["d_hi"]).all()
+    assert (tmp_path / "profile" / "significance.png").stat().st_size > 1000

@@ -303,3 +303,26 @@ def test_changed_set_counts_as_uptake(tmp_path):
     md = open(f"{inputs['out']}/table.md").read()
     assert "changed object_ppl" in md and "uptake changed" in md
     assert "**uptake** = uptake changed (the only such set evaluated)" in md
+
+
+def test_versus_full_by_hand():
+    from gradloc.report import table as T
+
+    rows = []
+    for seed in (0, 1):
+        for i in range(4):
+            for method, nll, top in (("full", 2.0, 1.0), ("tgl_fp", 1.5, 1.0)):  # tgl_fp: 0.5 nats better on new
+                rows.append({"method": method, "seed": seed, "period": 1, "probe_id": f"n{i}", "set": "new",
+                             "nll": nll, "top1": top})
+            for method, nll, top in (("full", 1.0, 1.0), ("tgl_fp", 1.2, 0.0 if i == 0 else 1.0)):
+                rows.append({"method": method, "seed": seed, "period": 1, "probe_id": f"u{i}", "set": "unchanged",
+                             "nll": nll, "top1": top})
+    vs = T.versus_full(pd.DataFrame(rows), ["base", "full", "tgl_fp"], n_boot=200)
+    r = vs[vs["period"] == T.ALL_PERIODS].iloc[0]
+    assert r["method"] == "tgl_fp"
+    assert r["uptake_vs_full"] == pytest.approx(0.5) and r["uptake_vs_full_lo"] == pytest.approx(0.5)
+    assert r["forgetting_vs_full"] == pytest.approx(0.2)
+    assert r["top1_uptake_vs_full"] == 0 and r["top1_forgetting_vs_full"] == pytest.approx(25.0)
+    assert r["top1_forgetting_vs_full_lo"] <= 25.0 <= r["top1_forgetting_vs_full_hi"]
+    lines = "\n".join(T.versus_full_lines(vs))
+    assert "| tgl_fp | +0.5 [+0.5, +0.5] | +0.2" in lines

@@ -171,3 +171,15 @@ def test_subnet_setting_reruns_only_the_subnet_and_the_report(completed):
 def test_report_setting_reruns_only_the_report(completed):
     jobs = dry_run_with(completed, {"report": {"title": "another title"}})
     assert jobs == REPORT
+
+
+@pytest.mark.parametrize("change", [{"control": "base", "loss": "sequence"}, {"control": "unchanged_diff"}])
+def test_profile_control_and_loss_rerun_profile_selection_and_its_methods(completed, change):
+    """The pre-issue-11 profile (`control: base`, whole-sequence loss) stays reachable; like
+    any profile setting it reruns the profile, the selection and the methods that use it."""
+    _, _, cfg = completed
+    selective = [m for m in cfg["train"]["methods"] if uses_selection(cfg, m)]
+    jobs = dry_run_with(completed, {"profile": change})
+    expect = ({("profile", "profile"), ("select", "select/selection.json")}
+              | train_and_eval(cfg, selective) | REPORT)
+    assert jobs == expect

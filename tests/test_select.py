@@ -106,3 +106,31 @@ def test_bad_input(profile_dir, tmp_path):
     (profile_dir / "relative.csv").write_text("knowledge_type,granularity,unit,layer\nnew,block,block.0,0\n")
     with pytest.raises(InputError, match="rel"):
         run(profile_dir, tmp_path)
+
+
+def test_significance_recorded_and_logged(profile_dir, tmp_path, caplog):
+    # a profile written before the intervals existed: selection as before, significance unavailable
+    sel = run(profile_dir, tmp_path)
+    assert sel["significance"]["available"] is False and sel["units"] == ["block.0", "block.1", "block.2", "block.3"]
+    # with d intervals: new block.3 stands out, block.1 (above the mean) does not; updated: none
+    import pandas as pd
+
+    rel = pd.read_csv(profile_dir / "relative.csv")
+    rel["d"], rel["d_lo"], rel["d_hi"] = 0.0, -1.0, 1.0
+    rel.loc[(rel["knowledge_type"] == "new") & (rel["unit"] == "block.3"), ["d", "d_lo", "d_hi"]] = [1.2, 0.4, 2.0]
+    rel.to_csv(profile_dir / "relative.csv", index=False)
+    with caplog.at_level("INFO"):
+        sel = run(profile_dir, tmp_path)
+    sig = sel["significance"]
+    assert sig["available"] and sig["above_mean"] == {"new": ["block.3"], "updated": []}
+    assert sig["selected_significant"] == ["block.3"]
+    assert sig["selected_not_significant"] == ["block.0", "block.1", "block.2"]
+    assert sig["per_type"]["new"]["block.3"] == {"d": 1.2, "lo": 0.4, "hi": 2.0}
+    assert "significantly above the mean for new" in sel["reasons"]["block.3"]
+    assert "not significantly above the mean" in sel["reasons"]["block.1"]
+    assert "selected and significant: block.3" in caplog.text
+    # nothing significant: said plainly
+    rel.loc[:, ["d_lo"]] = -1.0
+    rel.to_csv(profile_dir / "relative.csv", index=False)
+    sel = run(profile_dir, tmp_path)
+    assert "NO layer is significantly above the mean" in select.significance_line(sel)

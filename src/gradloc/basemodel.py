@@ -42,13 +42,32 @@ def with_defaults(params: dict | None) -> dict:
     return out
 
 
-def t0_texts(split_dir) -> list[str]:
+def heldout_base_ids(seq_ids, fraction: float, seed: int) -> list[str]:
+    """T0 sequences held out from base-model training (the profile's `heldout_base`
+    control): round(fraction * n) of them (at least one when fraction > 0, never all),
+    ranked by a stable hash of seq_id and seed, so the choice does not depend on row order."""
+    from .split import stable_unit
+
+    ids = sorted(map(str, seq_ids))
+    if fraction <= 0 or len(ids) < 2:
+        return []
+    n_out = min(max(1, round(fraction * len(ids))), len(ids) - 1)
+    return sorted(sorted(ids, key=lambda s: (stable_unit(f"{s}|heldout_base|{seed}"), s))[:n_out])
+
+
+def t0_texts(split_dir, exclude=()) -> list[str]:
     path = Path(split_dir) / "sequences.parquet"
     df = read_table(path, ["seq_id", "split", "text"])
     df = df[df["split"] == "base"]
     if df.empty:
         raise InputError(f"{path}: no T0 text (rows with split == 'base')")
+    df = df[~df["seq_id"].astype(str).isin(set(exclude))]
     return df["text"].astype(str).tolist()
+
+
+def t0_ids(split_dir) -> list[str]:
+    df = read_table(Path(split_dir) / "sequences.parquet", ["seq_id", "split"])
+    return df.loc[df["split"] == "base", "seq_id"].astype(str).tolist()
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -177,7 +196,10 @@ def run(params: dict, corpus, split, probes, out, state=None, tokenizer=None) ->
     dev = device()
     _deterministic(dev)
     started = time.time()
-    texts = t0_texts(split)
+    trains_on_t0 = params["source"] == "scratch" or params["teach_t0"]
+    heldout = (heldout_base_ids(t0_ids(split), params["pretrain"]["heldout_fraction"], params["pretrain"]["seed"])
+               if trains_on_t0 else [])
+    texts = t0_texts(split, exclude=heldout)
     model, tokenizer, rows = build_base_model(params, texts, dev, state=state, tokenizer=tokenizer)
     steps = len(rows)
     train_time = time.time() - started
@@ -187,6 +209,8 @@ def run(params: dict, corpus, split, probes, out, state=None, tokenizer=None) ->
     tail = [r["loss"] for r in rows[-max(1, len(rows) // 20):]]
     metrics = {
         "source": params["source"],
+        "teach_t0": bool(params["teach_t0"]),
+        "heldout_base": len(heldout),  # T0 sequences never trained on (heldout_base.txt)
         "n_params": sum(p.numel() for p in model.parameters()),
         "steps": steps,
         "t0_sequences": len(texts),
@@ -201,6 +225,7 @@ def run(params: dict, corpus, split, probes, out, state=None, tokenizer=None) ->
             shutil.rmtree(state, ignore_errors=True)  # finished: the resumable state is spent
         pd.DataFrame(rows, columns=["step", "loss", "lr"]).to_csv(tmp / "train_log.csv", index=False)
         write_json(metrics, tmp / "metrics.json")
+        (tmp / "heldout_base.txt").write_text("".join(f"{i}\n" for i in heldout))
     acc = ", ".join(f"{k} top1={v['top1']:.3f} obj_ppl={v['object_ppl']:.2f} (n={v['n']})" for k, v in summary.items())
     log.info("base model (%s): %d params, %d steps in %.0f s, final loss %s; T0 probes: %s", params["source"],
              metrics["n_params"], steps, train_time,

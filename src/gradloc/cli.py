@@ -34,7 +34,8 @@ STAGES = {
     "tokens": ("gradloc.tokens", [("model", "base model folder (its tokenizer)"), ("tagged", "tagged folder"),
                                   ("out", "output folder")]),
     "profile": ("gradloc.profile", [("model", "base model folder"), ("tokens", "tokens folder"),
-                                    ("probes", "probes folder"), ("out", "output folder")]),
+                                    ("probes", "probes folder"), ("out", "output folder"),
+                                    ("tagged", "tagged folder (mentions, for the salient-span loss)")]),
     "attention": ("gradloc.attention", [("large", "the larger model (the base model)"),
                                         ("small", "the smaller model, same tokenizer"), ("tokens", "tokens folder"),
                                         ("tagged", "tagged folder (entity mentions, for the marks)"),
@@ -65,7 +66,7 @@ STAGES = {
 LIST_ARGS = {"evals", "trains"}
 INT_ARGS = {"period", "seed", "gpus"}
 OPTIONAL_ARGS = {"selection", "state", "gpus", "tokenizer", "attention", ("attention", "probes"), ("report", "subnet"),
-                 ("evaluate", "method"), ("evaluate", "seed")}  # name or (stage, name)
+                 ("evaluate", "method"), ("evaluate", "seed"), ("profile", "tagged")}  # name or (stage, name)
 
 
 def parse_params(text: str) -> dict:

@@ -233,18 +233,24 @@ def _accepts(model, name: str) -> bool:
     return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
-def per_example_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) mean next-token loss of each example over its own (unpadded) tokens."""
+def per_example_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) mean next-token loss of each example over its own (unpadded) tokens; with
+    `loss_mask` (B, T), only over the target tokens it marks (a salient span)."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     valid = attention_mask[:, 1:].to(nll.dtype)
+    if loss_mask is not None:
+        valid = valid * loss_mask[:, 1:].to(nll.dtype)
     return (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
 
 
 def per_example_param_sq_norms(model: nn.Module, input_ids: torch.Tensor,
-                               attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+                               attention_mask: torch.Tensor,
+                               loss_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Parameter name -> (B,) squared norm of each example's loss gradient (right
-    padding; padded positions carry no loss). One batched forward and backward."""
+    padding; padded positions carry no loss; `loss_mask`: only the marked target tokens
+    do). One batched forward and backward."""
     B, T = input_ids.shape
     was_training = model.training
     model.eval()  # no dropout: the gradient of the model as it is
@@ -258,7 +264,7 @@ def per_example_param_sq_norms(model: nn.Module, input_ids: torch.Tensor,
     try:
         with torch.enable_grad(), _PerExampleTracer(model, B) as tracer:
             logits = model(**kwargs).logits
-            loss = per_example_loss(logits, input_ids, attention_mask).sum()
+            loss = per_example_loss(logits, input_ids, attention_mask, loss_mask).sum()
             leaves = [t for t in tracer.leaves if t.requires_grad]
             if not leaves:
                 raise NotImplementedError("per-example gradients: no embedding output to differentiate")

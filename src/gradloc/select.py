@@ -109,6 +109,12 @@ def select(relative: pd.DataFrame, params: dict) -> dict:
         reasons[u] = "; ".join(why[u]) + f" -> {verdict}; lr x{multipliers[u]:.3g}"
 
     n_layers = int(rel.loc[rel["unit"].map(is_candidate), "layer"].max()) + 1
+    significance = significance_of(rel, candidates, types, selected)
+    for u in candidates:
+        sig = [t for t in types if u in significance.get("above_mean", {}).get(t, [])]
+        if significance["available"]:
+            reasons[u] += "; significantly above the mean for " + "/".join(sig) if sig else \
+                "; not significantly above the mean"
     return {
         "granularity": g,
         "rule": params["rule"],
@@ -121,7 +127,52 @@ def select(relative: pd.DataFrame, params: dict) -> dict:
         "lr_multipliers": multipliers,
         "reasons": reasons,
         "relative": {u: float(r_mean[u]) for u in order},
+        "significance": significance,
     }
+
+
+def significance_of(rel: pd.DataFrame, candidates: list[str], types: list[str], selected: list[str]) -> dict:
+    """Per knowledge type and candidate unit: d = r_l - mean(r) and its paired bootstrap
+    95% interval (from the profile); a unit is significantly above the mean when the
+    interval's lower end is above 0. `available` is false for a profile without the
+    interval (bootstrap 0, or written before the columns existed)."""
+    has = {"d", "d_lo", "d_hi"} <= set(rel.columns)
+    out = {"available": False, "test": "paired bootstrap 95% interval of r_l - mean(r) over block units, "
+                                        "lower end > 0", "per_type": {}, "above_mean": {},
+           "selected_significant": [], "selected_not_significant": list(selected), "any_significant": False}
+    if not has:
+        return out
+    rel = rel.assign(**{c: pd.to_numeric(rel[c], errors="coerce") for c in ("d", "d_lo", "d_hi")})
+    ok = False
+    for t in types:
+        sub = rel[(rel["knowledge_type"] == t) & rel["unit"].isin(candidates)].set_index("unit")
+        if sub.empty or sub["d_lo"].isna().all():
+            continue
+        ok = True
+        out["per_type"][t] = {u: {"d": float(sub.at[u, "d"]), "lo": float(sub.at[u, "d_lo"]),
+                                  "hi": float(sub.at[u, "d_hi"])} for u in candidates if u in sub.index}
+        out["above_mean"][t] = [u for u in candidates if u in sub.index and sub.at[u, "d_lo"] > 0]
+    if not ok:
+        return out
+    sig = {u for us in out["above_mean"].values() for u in us}
+    out.update(available=True, any_significant=bool(sig),
+               selected_significant=[u for u in selected if u in sig],
+               selected_not_significant=[u for u in selected if u not in sig])
+    return out
+
+
+def significance_line(selection: dict) -> str:
+    """One plain sentence on whether the selection stands out from noise."""
+    sig = selection.get("significance") or {}
+    if not sig.get("available"):
+        return "significance: not computed (profile without bootstrap intervals of r_l - mean(r))"
+    if not sig["any_significant"]:
+        return ("significance: NO layer is significantly above the mean (95% paired bootstrap); "
+                "the selection is within noise")
+    parts = [f"{t}: {', '.join(us) or 'none'}" for t, us in sig["above_mean"].items()]
+    return (f"significance: layers significantly above the mean (95% paired bootstrap): {'; '.join(parts)}; "
+            f"selected and significant: {', '.join(sig['selected_significant']) or 'none'}; "
+            f"selected but not significant: {', '.join(sig['selected_not_significant']) or 'none'}")
 
 
 def run(params: dict, profile, out) -> None:
@@ -139,3 +190,5 @@ def run(params: dict, profile, out) -> None:
     log.info("select: %d of %d %s units selected (%s, %s of %s): %s", len(selection["units"]),
              sum(map(is_candidate, selection["relative"])), selection["granularity"], selection["rule"],
              selection["combine"], "/".join(selection["knowledge_types"]), ", ".join(selection["units"]))
+    line = significance_line(selection)
+    (log.warning if not selection["significance"].get("any_significant") else log.info)("select: %s", line)

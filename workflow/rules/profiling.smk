@@ -3,6 +3,7 @@ rule profile:
         model=rules.base_model.output[0],
         tokens=rules.tokens.output[0],
         probes=rules.probes.output[0],
+        tagged=rules.tag.output[0],
     output:
         directory(f"{R}/profile"),
     params:
@@ -18,7 +19,7 @@ rule profile:
         "../../envs/train.yaml"
     shell:
         "python -m gradloc profile --params {params.p:q} --model {input.model} --tokens {input.tokens}"
-        " --probes {input.probes} --out {output} > {log} 2>&1"
+        " --probes {input.probes} --tagged {input.tagged} --out {output} > {log} 2>&1"
 
 
 rule subnet:

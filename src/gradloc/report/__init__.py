@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pandas as pd
+
 from .. import schema
 from ..io import InputError, atomic_output, read_json, read_table
 from . import markdown, table  # figures (matplotlib) is imported in run() only
@@ -38,6 +40,9 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out, subne
         raise InputError(f"{base_metrics_path}: expected a JSON object")
     sets, averaged = table.probe_sets(evals_df), table.uptake_sets(evals_df)
     result = table.build_table(evals_df, order, primary, costs)
+    vs_full = table.versus_full(table.probe_scores(evals), order, averaged=averaged)
+    if not vs_full.empty:  # method minus full with 95% intervals (issue 11): extra columns
+        result = result.merge(vs_full, on=["method", "period"], how="left")
 
     sub = None
     if subnet is not None:  # knowledge-critical subnetworks vs the gradient profile
@@ -57,6 +62,10 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out, subne
             text += "\n" + "\n".join(text_extra)
             sub[2].to_csv(tmp / "localization.csv", index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
             figures.localization(sub[1], sub[2], tmp / "localization.png", dpi)
+        extra = table.significance_lines(profile) + table.versus_full_lines(vs_full)
+        text += ("\n\n" + "\n".join(extra)) if extra else ""
+        figures.significance(pd.read_csv(Path(profile) / "relative.csv"), tmp / "significance.png", dpi) \
+            if (Path(profile) / "relative.csv").exists() else None
         (tmp / "table.md").write_text(text + "\n")
         figures.render_heatmap(profile, tmp / "heatmap.png", dpi)
         figures.tradeoff(result, order, primary, tmp / "tradeoff.png", dpi, averaged)

@@ -61,6 +61,40 @@ def heatmap(relative: pd.DataFrame, path, dpi: int = 120, title: str = HEATMAP_T
     plt.close(fig)
 
 
+def significance(relative: pd.DataFrame, path, dpi: int = 120) -> bool:
+    """r_l - mean(r) per transformer-block unit with its paired bootstrap 95% interval
+    (profile/relative.csv columns d, d_lo, d_hi), one panel per knowledge type, block
+    granularity (module where no block rows). A unit is significantly above the mean
+    when its interval lies above 0. False (nothing drawn) for a profile without d."""
+    if "d" not in relative:
+        return False
+    rel = relative.assign(**{c: pd.to_numeric(relative[c], errors="coerce") for c in ("d", "d_lo", "d_hi", "layer")})
+    rel = rel[rel["d"].notna()]
+    if rel.empty:
+        return False
+    g = "block" if (rel["granularity"] == "block").any() else rel["granularity"].iloc[0]
+    rel = rel[rel["granularity"] == g]
+    types = [t for t in ("new", "updated", "unchanged") if t in set(rel["knowledge_type"])]
+    fig, axes = plt.subplots(1, len(types), figsize=(2 + 2.6 * len(types), 1.5 + 0.3 * rel["unit"].nunique()),
+                             squeeze=False, sharey=True)
+    for ax, t in zip(axes[0], types):
+        sub = rel[rel["knowledge_type"] == t].sort_values(["layer", "unit"], kind="stable")
+        y = np.arange(len(sub))
+        sig = (sub["d_lo"] > 0).to_numpy()
+        err = np.vstack([(sub["d"] - sub["d_lo"]).to_numpy(), (sub["d_hi"] - sub["d"]).to_numpy()])
+        ax.errorbar(sub["d"], y, xerr=np.nan_to_num(err), fmt="none", ecolor="grey", capsize=3)
+        ax.scatter(sub["d"], y, c=np.where(sig, "tab:red", "tab:blue"), zorder=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(y, sub["unit"].tolist(), fontsize=7)
+        ax.set_title(f"{t} ({int(sig.sum())} above mean)")
+        ax.set_xlabel("r_l - mean(r), 95% CI")
+    fig.suptitle(f"Which layers stand out ({g}; red: interval above 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return True
+
+
 def render_heatmap(profile, path: Path, dpi: int) -> None:
     """Re-render from profile/relative.csv; fall back to copying profile/heatmap.png."""
     profile = Path(profile)

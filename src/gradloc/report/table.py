@@ -330,3 +330,111 @@ def localization(density: pd.DataFrame, relative: pd.DataFrame, n_boot: int = 10
                      "top_density": grp.loc[grp["density"].idxmax(), "unit"],
                      "top_rel": grp.loc[grp["rel"].idxmax(), "unit"]})
     return paired, pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------ each method against `full`
+
+REFERENCE = "full"
+VS_FULL = ("uptake", "forgetting", "top1_uptake", "top1_forgetting")
+
+
+def probe_scores(evals: list) -> pd.DataFrame:
+    """method, seed (-1: base), period, probe_id, set, nll (object nats per token), top1,
+    from every eval folder's scores.parquet (folders without one are skipped)."""
+    frames = []
+    for folder in evals:
+        path = Path(folder) / "scores.parquet"
+        if not path.exists():
+            continue
+        method, seed, period = read_identity(read_json(Path(folder) / "summary.json"), path, seed_required=False)
+        s = read_table(path, ["probe_id", "set", "object_logprob", "object_tokens", "top1"])
+        frames.append(pd.DataFrame({"method": method, "seed": -1 if seed is None else seed, "period": period,
+                                    "probe_id": s["probe_id"].astype(str), "set": s["set"].astype(str),
+                                    "nll": -s["object_logprob"].astype(float) / s["object_tokens"].clip(lower=1),
+                                    "top1": s["top1"].astype(float)}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def versus_full(scores: pd.DataFrame, order: list[str], n_boot: int = 1000, seed: int = 0,
+                averaged=("new", "updated")) -> pd.DataFrame:
+    """Per method (not base, not full) and period (and 'all'): method minus `full`, paired
+    by seed, period and probe, for uptake (nats per object token on the `averaged` sets;
+    positive: the method took up more than full), forgetting (nats on unchanged; positive:
+    forgot more) and the same in top-1 points; mean over seeds and probes with a 95%
+    bootstrap interval (seeds and probes resampled, two-level)."""
+    cols = ["method", "period"] + [f"{c}_vs_full{x}" for c in VS_FULL for x in ("", "_lo", "_hi")]
+    if scores.empty or REFERENCE not in set(scores["method"]):
+        return pd.DataFrame(columns=cols)
+    rng = np.random.default_rng(seed)
+    key = ["seed", "period", "probe_id"]
+    full = scores[scores["method"] == REFERENCE].set_index(key)
+    rows = []
+    for m in [m for m in order if m not in (BASE, REFERENCE)]:
+        own = scores[scores["method"] == m].set_index(key)
+        both = own.reset_index().merge(full.reset_index()[key + ["nll", "top1"]], on=key, suffixes=("", "_full"))
+        if both.empty:
+            continue
+        gain_set = both["set"].isin(averaged)
+        kept = both["set"] == "unchanged"
+        both["uptake"] = np.where(gain_set, both["nll_full"] - both["nll"], np.nan)
+        both["forgetting"] = np.where(kept, both["nll"] - both["nll_full"], np.nan)
+        both["top1_uptake"] = np.where(gain_set, 100 * (both["top1"] - both["top1_full"]), np.nan)
+        both["top1_forgetting"] = np.where(kept, 100 * (both["top1_full"] - both["top1"]), np.nan)
+        for period in [*sorted(both["period"].unique()), ALL_PERIODS]:
+            sub = both if period == ALL_PERIODS else both[both["period"] == period]
+            row = {"method": m, "period": str(period)}
+            for c in VS_FULL:
+                d = sub[sub[c].notna()]
+                by_seed = [g[c].to_numpy() for _, g in d.groupby("seed")]
+                if not by_seed:
+                    row.update({f"{c}_vs_full": math.nan, f"{c}_vs_full_lo": math.nan, f"{c}_vs_full_hi": math.nan})
+                    continue
+                est = float(np.mean(np.concatenate(by_seed)))
+                boots = []
+                for _ in range(n_boot):
+                    picked = [by_seed[i] for i in rng.integers(0, len(by_seed), len(by_seed))]
+                    boots.append(np.mean(np.concatenate([v[rng.integers(0, len(v), len(v))] for v in picked])))
+                lo, hi = np.percentile(boots, [2.5, 97.5]) if n_boot else (math.nan, math.nan)
+                row.update({f"{c}_vs_full": est, f"{c}_vs_full_lo": float(lo), f"{c}_vs_full_hi": float(hi)})
+            rows.append(row)
+    return pd.DataFrame(rows, columns=cols)
+
+
+def versus_full_lines(vs: pd.DataFrame) -> list[str]:
+    """table.md section: each method minus full over periods, with 95% intervals."""
+    if vs.empty:
+        return []
+    out = ["## Each method against `full`", "",
+           "Method minus `full`, paired by seed, period and probe; mean over seeds and probes with a "
+           "95% bootstrap interval (seeds and probes resampled). Uptake: positive = took up more than "
+           "full (nats per object token on new/updated probes; top-1 in points). Forgetting: positive = "
+           "forgot more than full (unchanged probes). An interval that contains 0 is no difference.", "",
+           "| method | uptake (nats) | forgetting (nats) | top-1 uptake (pts) | top-1 forgetting (pts) |",
+           "|---|---|---|---|---|"]
+    for r in vs[vs["period"] == ALL_PERIODS].itertuples(index=False):
+        r = r._asdict()
+        cells = [f"{r[f'{c}_vs_full']:+.3g} [{r[f'{c}_vs_full_lo']:+.3g}, {r[f'{c}_vs_full_hi']:+.3g}]"
+                 if not math.isnan(r[f"{c}_vs_full"]) else "-" for c in VS_FULL]
+        out.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def significance_lines(profile) -> list[str]:
+    """table.md: which transformer blocks the profile finds significantly above the mean
+    (paired bootstrap interval of r_l - mean(r) above 0), said plainly when none."""
+    path = Path(profile) / "relative.csv"
+    if not path.exists():
+        return []
+    rel = pd.read_csv(path)
+    if "d_lo" not in rel or rel["d_lo"].isna().all():
+        return ["Layer selection: the profile has no significance test (bootstrap 0 or an older profile).", ""]
+    rel = rel[rel["d_lo"].notna()]
+    g = "block" if (rel["granularity"] == "block").any() else rel["granularity"].iloc[0]
+    rel = rel[rel["granularity"] == g]
+    parts = [f"{t}: {', '.join(sub.loc[sub['d_lo'] > 0, 'unit']) or 'none'}"
+             for t, sub in rel.groupby("knowledge_type", sort=False)]
+    if not (rel["d_lo"] > 0).any():
+        return [f"Layer selection: **no {g} is significantly above the mean** of r for any knowledge type "
+                "(95% paired bootstrap of r_l - mean(r)); the TGL selection is within noise.", ""]
+    return [f"Layer selection: {g}s significantly above the mean of r (95% paired bootstrap of "
+            f"r_l - mean(r)): {'; '.join(parts)}.", ""]
