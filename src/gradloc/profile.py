@@ -57,7 +57,11 @@ def resolve_control(params: dict, model_dir=None) -> str:
         return "base"  # a pretrained model never trained on T0 here: T0 is ordinary unseen text
     if metrics.get("heldout_base", 0):
         return "heldout_base"
-    return "unchanged_diff"
+    # A model trained on all of T0, and (in the synthetic world) no diff sequence is about
+    # unchanged entities only: T0 text is what remains, and the model has memorised it.
+    log.warning("profile: control auto -> base (T0 text the base model trained on); set "
+                "model.pretrain.heldout_fraction > 0 for held-out T0 control text")
+    return "base"
 
 
 def heldout_base_ids(model_dir) -> set[str]:
