@@ -50,7 +50,14 @@ STAGES = {
                                 ("period", "update period index (1..n)"), ("seed", "random seed"),
                                 ("state", "folder for resumable training state"),
                                 ("gpus", "GPUs the job asked for (0: any device); fail if fewer are visible"),
+                                ("tagged", "tagged folder (token_weighting: entity mentions)"),
+                                ("probes", "probes folder (token_weighting: probe objects)"),
+                                ("weighting_model", "weighting model folder (token_weighting camels)"),
                                 ("out", "output folder")]),
+    "metatrain": ("gradloc.metatrain", [("base", "base model folder"),
+                                        ("backbone", "small model with the base model's tokenizer"),
+                                        ("tokens", "tokens folder"), ("tagged", "tagged folder"),
+                                        ("probes", "probes folder"), ("out", "output folder")]),
     "evaluate": ("gradloc.evaluate", [("model", "checkpoint folder"), ("probes", "probes folder"),
                                       ("tokens", "tokens folder"), ("period", "update period index"),
                                       ("out", "output folder"),
@@ -65,7 +72,8 @@ STAGES = {
 }
 LIST_ARGS = {"evals", "trains"}
 INT_ARGS = {"period", "seed", "gpus"}
-OPTIONAL_ARGS = {"selection", "state", "gpus", "tokenizer", "attention", ("attention", "probes"), ("report", "subnet"),
+OPTIONAL_ARGS = {"selection", "state", "gpus", "tokenizer", "attention", ("attention", "probes"), ("train", "probes"),
+                 ("train", "tagged"), ("train", "weighting_model"), ("report", "weighting"), ("report", "subnet"),
                  ("evaluate", "method"), ("evaluate", "seed"), ("profile", "tagged")}  # name or (stage, name)
 
 

@@ -59,7 +59,9 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | 
     without `weights` (per-token weights, e.g. CaMeLS, are indexed like `labels`)."""
     # Shift the labels, not the logits: slicing the (B, T, V) logits would copy them.
     target = F.pad(labels[:, 1:], (0, 1), value=-100)
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+    # at least float32 (half logits are upcast; float64 stays float64, for gradient checks)
+    ce = F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)), target.flatten(),
+                         ignore_index=-100,
                          reduction="none").view_as(target)
     mask = (target != -100).to(ce.dtype)
     w = mask if weights is None else F.pad(weights[:, 1:], (0, 1)).to(ce.dtype) * mask

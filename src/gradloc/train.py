@@ -11,6 +11,7 @@ groups, LoRA, K-Adapter, RecAdam) comes from `gradloc.methods`.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import shutil
@@ -46,17 +47,24 @@ def settings(params: dict) -> dict:
 
 # --- data -------------------------------------------------------------------------------
 
-def cut_blocks(docs: list[np.ndarray], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+def cut_blocks(docs: list[np.ndarray], seq_len: int, pad_id: int,
+               weights: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
     """The documents concatenated and cut into [n, seq_len] blocks (nanoGPT style); the
-    tail block is padded, its padding labelled -100 so no token is lost."""
+    tail block is padded, its padding labelled -100 so no token is lost. With per-token
+    `weights` (one array per document), a `weights` block cut the same way (padding 0)."""
     ids = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)
     n = max(1, math.ceil(len(ids) / seq_len))
     input_ids = np.full(n * seq_len, pad_id, dtype=np.int64)
     labels = np.full(n * seq_len, -100, dtype=np.int64)
     input_ids[:len(ids)] = ids
     labels[:len(ids)] = ids
-    return {"input_ids": torch.from_numpy(input_ids.reshape(n, seq_len)),
-            "labels": torch.from_numpy(labels.reshape(n, seq_len))}
+    out = {"input_ids": torch.from_numpy(input_ids.reshape(n, seq_len)),
+           "labels": torch.from_numpy(labels.reshape(n, seq_len))}
+    if weights is not None:
+        w = np.zeros(n * seq_len, dtype=np.float32)
+        w[:len(ids)] = np.concatenate(weights) if weights else np.zeros(0, dtype=np.float32)
+        out["weights"] = torch.from_numpy(w.reshape(n, seq_len))
+    return out
 
 
 def with_eos(docs: list[np.ndarray], eos: int) -> list[np.ndarray]:
@@ -80,6 +88,8 @@ class Epochs:
         if self.n_replay:
             base = replay.blocks(self.base_docs, self.cfg["seq_len"], self.n_replay,
                                  np.random.default_rng([self.seed, epoch, 1]), self.pad_id)
+            if "weights" in data:  # replayed base text keeps the plain loss
+                base["weights"] = (base["labels"] != -100).float()
             base["source"] = torch.ones(self.n_replay, dtype=torch.long)
             data = {k: torch.cat([data[k], base[k]]) for k in data}
         order = torch.from_numpy(np.random.default_rng([self.seed, epoch, 0]).permutation(self.size))
@@ -104,7 +114,7 @@ def period_docs(tokens, period: int) -> tuple[list[np.ndarray], list[np.ndarray]
 # --- the stage ------------------------------------------------------------------------------
 
 def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None, out="train", gpus=0,
-        attention=None) -> dict:
+        attention=None, tagged=None, probes=None, weighting_model=None) -> dict:
     from accelerate.utils import set_seed
 
     cfg = settings(params)
@@ -126,10 +136,26 @@ def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None
     diff_docs, base_docs = period_docs(toks, period)
     if "replay" in cfg["method"] and not base_docs:
         raise InputError(f"replay: {toks.path} has no split == 'base' documents to replay")
-    extra = {}
+    extra, masks = {}, None
+    rows_p = toks.select(period=period, split="train")
+    types, marked = rows_p["knowledge_type"].astype(str).tolist(), None
+    tw = cfg["method"].get("token_weighting")
+    if tw and tagged:  # entity/object tokens: salient_spans' weights and the weights' summary
+        from .attention import marks, spans_of
+
+        texts, spans = spans_of(rows_p, tagged, probes, period)
+        marked = marks(tokenizer, texts, diff_docs, spans)
     if "augment" in cfg["method"]:  # token-dropout copies beside each document (methods/augment.py)
-        diff_docs, extra = augmented(diff_docs, cfg["method"]["augment"], attention, toks, tokenizer, seed, period)
-    diff = cut_blocks(with_eos(diff_docs, eos), cfg["seq_len"], pad_id)
+        diff_docs, extra, masks = augmented(diff_docs, cfg["method"]["augment"], attention, toks, tokenizer, seed,
+                                            period)
+        types = with_copies(types, masks, lambda t, k: t)
+        marked = None if marked is None else with_copies(marked, masks, lambda m, k: m[k])
+    weights, files = None, {}
+    if tw:
+        weights, summary, files = token_weights(tw, with_eos(diff_docs, eos), marked, types, tokenizer, toks,
+                                                weighting_model)
+        extra["token_weighting"] = summary
+    diff = cut_blocks(with_eos(diff_docs, eos), cfg["seq_len"], pad_id, weights)
     data = Epochs(diff, with_eos(base_docs, eos), cfg, seed, pad_id)
     W, A, B = accelerator.num_processes, cfg["grad_accum"], cfg["batch_size"]
     steps_per_epoch = math.ceil(data.size / (B * W * A))
@@ -146,7 +172,7 @@ def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None
     optimizer = methods.make_optimizer(prepared, cfg["lr"], cfg["weight_decay"])
     scheduler = engine.make_scheduler(optimizer, cfg["schedule"], total_steps, int(cfg["warmup_ratio"] * total_steps),
                                       W)
-    fp = engine.fingerprint(cfg, [init, tokens, selection, attention], period, seed, W)
+    fp = engine.fingerprint(cfg, [init, tokens, selection, attention, tagged, probes, weighting_model], period, seed, W)
     model, optimizer, progress = engine.fit(
         accelerator, prepared.model, optimizer, scheduler, data, engine.StepBatches(rows, total_steps, A, W),
         grad_clip=cfg["grad_clip"], log_every=cfg["log_every"], desc=f"train {cfg['name']} P{period}",
@@ -158,7 +184,7 @@ def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None
                     **{k: v for k, v in extra.items() if k != "augment.md"}}
         metrics = write_outputs(accelerator.unwrap_model(model), tokenizer, optimizer, prepared, cfg, progress,
                                 total_steps, n_diff=data.n_diff, out=out, period=period, seed=seed, run_info=run_info,
-                                files={k: v for k, v in extra.items() if k == "augment.md"})
+                                files={**{k: v for k, v in extra.items() if k == "augment.md"}, **files})
     accelerator.wait_for_everyone()
     if state and accelerator.is_main_process:
         shutil.rmtree(state, ignore_errors=True)  # finished: the resumable state is spent
@@ -176,7 +202,37 @@ def augmented(docs, aug: dict, attention, toks, tokenizer, seed: int, period: in
     out, masks = augment.apply(docs, scores, aug, protected, seed, period)
     summary, text = augment.inspect(docs, masks, scores["marked"], protected, aug, tokenizer)
     log.info("augment %s: %d documents -> %d (%s)", aug["kind"], len(docs), len(out), summary)
-    return out, {"augment": summary, "augment.md": text}
+    return out, {"augment": summary, "augment.md": text}, masks
+
+
+def with_copies(items: list, masks: list[list[np.ndarray]], cut) -> list:
+    """A per-document list expanded like augment.apply's output: each item, then cut(item, mask) per copy."""
+    out = []
+    for x, m in zip(items, masks):
+        out.append(x)
+        out.extend(cut(x, k) for k in m)
+    return out
+
+
+def token_weights(part: dict, docs: list[np.ndarray], marked, types, tokenizer, toks, weighting_model):
+    """(per-token weights of each document with its EOS, summary for metrics.json,
+    {"weights.json": the summary and one document's weights, for the report})."""
+    from .methods import weighting
+
+    model = None
+    marked_eos = None if marked is None else [np.append(m, 0) for m in marked]
+    # Loading and running the weighting model must not move the RNG the training's dropout draws from.
+    with torch.random.fork_rng(devices=[]):
+        if part["kind"] == "camels":
+            if not weighting_model:
+                raise InputError("token_weighting camels: needs --weighting-model (the `gradloc metatrain` folder)")
+            model, wtok = weighting.WeightingModel.load(weighting_model)
+            weighting.check_same_tokenizer(tokenizer, wtok, str(weighting_model))
+        weights = weighting.doc_weights(part, docs, marked_eos, model)
+    summary = {"kind": part["kind"], **weighting.summary(weights, marked_eos, types)}
+    log.info("token weighting %s: %s", part["kind"], summary)
+    doc = weighting.example(weights, marked_eos, docs, tokenizer)
+    return weights, summary, {"weights.json": json.dumps({**summary, "example": doc})}
 
 
 def optimizer_state_bytes(optimizer) -> int:
