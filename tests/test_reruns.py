@@ -72,9 +72,17 @@ def attention_jobs(cfg: dict) -> set[tuple[str, str]]:
     return {("small_model", "small_model")} | {("attention", f"attention/P{p}") for p in periods(cfg)}
 
 
+def camels_jobs(cfg: dict) -> set[tuple[str, str]]:
+    """The small model (the weighting model's backbone) and the meta-training, when some
+    method weights tokens with CaMeLS."""
+    if not any((m.get("token_weighting") or {}).get("kind") == "camels" for m in cfg["train"]["methods"].values()):
+        return set()
+    return {("small_model", "small_model"), ("metatrain", "weighting_model")}
+
+
 def all_jobs(cfg: dict) -> set[tuple[str, str]]:
     return (DATA | {("base_model", "base_model"), ("tokens", "tokens"), ("profile", "profile"), ("subnet", "subnet"),
-                    ("select", "select/selection.json")} | attention_jobs(cfg)
+                    ("select", "select/selection.json")} | attention_jobs(cfg) | camels_jobs(cfg)
             | {("evaluate_base", f"eval/base/P{p}") for p in periods(cfg)}
             | train_and_eval(cfg, cfg["train"]["methods"]) | REPORT)
 
@@ -158,8 +166,18 @@ def test_small_model_setting_reruns_the_scores_and_the_token_dropout_methods(com
     _, _, cfg = completed
     augmented = [m for m, v in cfg["train"]["methods"].items() if "augment" in v]
     assert augmented and len(augmented) < len(cfg["train"]["methods"])
+    camels = [m for m, v in cfg["train"]["methods"].items() if "token_weighting" in v]
     jobs = dry_run_with(completed, {"attention": {"small_model": {"steps": 7}}})
-    assert jobs == attention_jobs(cfg) | train_and_eval(cfg, augmented) | REPORT
+    # the small model is also the CaMeLS weighting model's backbone
+    assert jobs == attention_jobs(cfg) | camels_jobs(cfg) | train_and_eval(cfg, augmented + camels) | REPORT
+
+
+def test_camels_setting_reruns_the_meta_training_and_its_methods(completed):
+    _, _, cfg = completed
+    camels = [m for m, v in cfg["train"]["methods"].items() if (v.get("token_weighting") or {}).get("kind") == "camels"]
+    assert camels
+    jobs = dry_run_with(completed, {"camels": {"outer_steps": 3}})
+    assert jobs == {("metatrain", "weighting_model")} | train_and_eval(cfg, camels) | REPORT
 
 
 def test_subnet_setting_reruns_only_the_subnet_and_the_report(completed):

@@ -68,7 +68,8 @@ STAGES = {
     "report": ("gradloc.report", [("evals", "evaluation folders (list)"), ("trains", "training folders (list)"),
                                   ("profile", "profile folder"), ("base_model", "base model folder"),
                                   ("out", "output folder"),
-                                  ("subnet", "subnet folder (knowledge-critical subnetworks; optional)")]),
+                                  ("subnet", "subnet folder (knowledge-critical subnetworks; optional)"),
+                                  ("weighting", "weighting model folder (CaMeLS meta-training; optional)")]),
 }
 LIST_ARGS = {"evals", "trains"}
 INT_ARGS = {"period", "seed", "gpus"}

@@ -88,6 +88,30 @@ def attention_input(w):
     return [f"{R}/attention/P{w.period}"] if needs_attention(w.method) else []
 
 
+def weighting_kind(method):
+    return (config["train"]["methods"][method].get("token_weighting") or {}).get("kind")
+
+
+def uses_camels():
+    return any(weighting_kind(m) == "camels" for m in METHODS)
+
+
+def weighting_inputs(w):
+    """Token-weighting methods read the tagged mentions and probes (salient tokens and the
+    weights' summary); camels also the meta-trained weighting model."""
+    if "token_weighting" not in config["train"]["methods"][w.method]:
+        return {}
+    out = {"tagged": f"{R}/tagged", "probes": f"{R}/probes"}
+    if weighting_kind(w.method) == "camels":
+        out["weighting_model"] = f"{R}/weighting_model"
+    return out
+
+
+def weighting_args(w, input):
+    return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in ("tagged", "probes", "weighting_model")
+                    if k in input.keys())
+
+
 def attention_params():
     """The scoring settings only: the small model's settings rerun it, and it reruns this."""
     a = config.get("attention", {})

@@ -5,6 +5,7 @@ rule report:
         profile=rules.profile.output[0],
         subnet=rules.subnet.output[0],
         base_model=rules.base_model.output[0],
+        weighting=lambda w: [f"{R}/weighting_model"] if uses_camels() else [],
     # report(...) marks what `snakemake --report report.html` embeds; captions are
     # relative to this file.
     output:
@@ -23,10 +24,11 @@ rule report:
     params:
         p=cfg("report"),
         out=lambda w, output: os.path.dirname(output.table_csv),
+        weighting=lambda w, input: f"--weighting {input.weighting[0]}" if input.weighting else "",
     log:
         f"{R}/logs/report.log",
     conda:
         "../../envs/data.yaml"
     shell:
         "python -m gradloc report --params {params.p:q} --evals {input.evals} --trains {input.trains}"
-        " --profile {input.profile} --subnet {input.subnet} --base-model {input.base_model} --out {params.out} > {log} 2>&1"
+        " --profile {input.profile} --subnet {input.subnet} --base-model {input.base_model} {params.weighting} --out {params.out} > {log} 2>&1"

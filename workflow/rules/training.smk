@@ -1,5 +1,6 @@
 rule train:
     input:
+        unpack(weighting_inputs),
         init=previous_checkpoint,
         tokens=rules.tokens.output[0],
         selection=selection_input,
@@ -10,6 +11,7 @@ rule train:
         p=lambda w: train_params(w.method),
         selection=lambda w, input: f"--selection {input.selection[0]}" if input.selection else "",
         attention=lambda w, input: f"--attention {input.attention[0]}" if input.attention else "",
+        weighting=weighting_args,
         # Resumable state lives outside the output, which Snakemake deletes after a failure.
         state=f"{R}/.train_state/{{method}}/seed{{seed}}/P{{period}}",
         # `gpu: N` (e.g. --set-resources train:gpu=4) trains data-parallel on N GPUs.
@@ -26,5 +28,5 @@ rule train:
         "../../envs/train.yaml"
     shell:
         "{params.launcher} train --params {params.p:q} --init {input.init} --tokens {input.tokens}"
-        " {params.selection} {params.attention} --period {wildcards.period} --seed {wildcards.seed}"
+        " {params.selection} {params.attention} {params.weighting} --period {wildcards.period} --seed {wildcards.seed}"
         " --state {params.state} --gpus {resources.gpu} --out {output} > {log} 2>&1"

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 FLOAT_FORMAT = "%.10g"  # enough digits for any ppl, none of the 0.30000000000000004 noise
 
 
-def run(params: dict, evals: list, trains: list, profile, base_model, out, subnet=None) -> None:
+def run(params: dict, evals: list, trains: list, profile, base_model, out, subnet=None, weighting=None) -> None:
     from . import figures
 
     params = schema.fill("report", params, where="report params")
@@ -58,6 +58,7 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out, subne
         result.to_csv(tmp / "table.csv", index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
         text = markdown.markdown(result, primary, params["title"], base_metrics, sets, averaged)
         text += markdown.augment_section([read_json(Path(t) / "metrics.json") for t in trains])
+        text += weighting_report(trains, weighting, tmp / "weighting.png", dpi)
         if sub is not None:
             text += "\n" + "\n".join(text_extra)
             sub[2].to_csv(tmp / "localization.csv", index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
@@ -75,3 +76,20 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out, subne
     log.info("report: %d methods (incl. base), %d periods, %d seeds, %d eval folders, %d train logs -> %s "
              "(table %d rows, 3 figures)", len(order), evals_df["period"].nunique(), n_seeds, len(evals_df),
              logs.groupby(["method", "seed", "period"]).ngroups if not logs.empty else 0, out, len(result))
+
+
+def weighting_report(trains: list, weighting, path: Path, dpi: int) -> str:
+    """The token-weighting section and `weighting.png` (curve + one document's weights;
+    CaMeLS's document when there is one) when a method weights tokens or `weighting` is given."""
+    from . import figures
+
+    meta = read_json(Path(weighting) / "metrics.json") if weighting else None
+    curve = pd.read_csv(Path(weighting) / "curve.csv") if weighting else None
+    examples = [(read_json(Path(t) / "metrics.json")["method"], read_json(Path(t) / "weights.json"))
+                for t in trains if (Path(t) / "weights.json").exists()]
+    text = markdown.weighting_section([read_json(Path(t) / "metrics.json") for t in trains], meta)
+    if examples or meta:
+        name, ex = next(((m, e) for m, e in examples if e.get("kind") == "camels"), examples[0] if examples else
+                        (None, None))
+        figures.weighting(curve, (ex or {}).get("example"), name or "", path, dpi)
+    return text

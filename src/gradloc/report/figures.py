@@ -211,3 +211,38 @@ def localization(paired: pd.DataFrame, correlations: pd.DataFrame, path: Path, d
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def weighting(curve: pd.DataFrame | None, example: dict | None, title: str, path: Path, dpi: int) -> None:
+    """Left: the meta-learning curve (training and validation outer loss vs outer step);
+    right: one document's tokens as a heat strip of their weights (outlined: entity/object)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw={"width_ratios": [1, 2]})
+    if curve is not None and not curve.empty:
+        left.plot(curve["step"], curve["val_loss"], marker="o", label="validation")
+        if curve["train_loss"].notna().any():
+            left.plot(curve["step"], curve["train_loss"], marker=".", label="training (mean since last)")
+        left.set_xlabel("outer step")
+        left.set_ylabel("QA NLL + KL term")
+        left.legend(fontsize=7)
+        left.grid(alpha=0.3)
+        left.set_title("CaMeLS meta-training")
+    else:
+        left.set_axis_off()
+    right.set_axis_off()
+    if example:
+        toks, w = example["tokens"][:96], np.asarray(example["weights"][:96], dtype=float)
+        marked = (example.get("marked") or [0] * len(toks))[:96]
+        per_row = 24
+        cmap = plt.get_cmap("viridis")
+        top = max(float(w.max()), 1e-9)
+        for i, (t, x, m) in enumerate(zip(toks, w, marked)):
+            r, c = divmod(i, per_row)
+            right.add_patch(plt.Rectangle((c, -r), 1, 0.9, color=cmap(x / top), ec="red" if m else "none", lw=1.5))
+            right.text(c + 0.5, -r + 0.45, t.replace("\n", " ").strip() or "·", ha="center", va="center", fontsize=6,
+                       color="white" if x / top < 0.6 else "black")
+        right.set_xlim(0, per_row)
+        right.set_ylim(-math.ceil(len(toks) / per_row) + 0.9, 1)
+        right.set_title(f"{title}: token weights of one document (max {top:.3g}; red: entity/object)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

@@ -176,3 +176,33 @@ def subnet_section(removal: pd.DataFrame, correlations: pd.DataFrame) -> list[st
         lines.append(f"| {r['knowledge_set']} | {r['knowledge_type']} | {r['granularity']} | {r['n_units']} | "
                      f"{fmt(r['spearman'])} | [{fmt(r['lo'])}, {fmt(r['hi'])}] | {r['top_density']} | {r['top_rel']} |")
     return lines + [""]
+
+
+def weighting_section(metrics: list[dict], meta: dict | None) -> str:
+    """Token-weighting methods: mean weight on entity/object tokens vs other tokens per
+    knowledge type of the diff document (new / updated / unchanged: the probe sets) and
+    their ratio, mean over seeds; the meta-training's stop and validation result."""
+    rows = [{"method": m["method"], "period": m["period"], "kind": tw["kind"], "type": t, "fact": v["fact"],
+             "other": v["other"], "ratio": v["ratio"]}
+            for m in metrics if isinstance(tw := m.get("token_weighting"), dict)
+            for t, v in tw.items() if isinstance(v, dict)]
+    if not rows and not meta:
+        return ""
+    lines = ["", "", "## Token weighting", ""]
+    if meta:
+        ow = meta.get("object_vs_other_weight") or {}
+        lines += [f"CaMeLS meta-training: best validation loss {fmt(meta['best_val_loss'])} at outer step "
+                  f"{meta['best_step']} ({meta['stop']}; {meta['train_docs']} training / {meta['val_docs']} "
+                  f"validation T0 documents, {fmt(meta['time_s'])} s). On the validation documents the weight on "
+                  f"probe-object tokens is {fmt(ow.get('fact'))} vs {fmt(ow.get('other'))} on other tokens "
+                  f"(ratio {fmt(ow.get('ratio'))}). Curve: `weighting.png` (left), `weighting_model/curve.csv`.", ""]
+    if rows:
+        df = pd.DataFrame(rows).groupby(["method", "period", "kind", "type"], sort=False).mean(
+            numeric_only=True).reset_index()
+        lines += ["Mean weight on entity/object tokens vs other tokens of the diff documents, per document "
+                  "type (`all`: every document), mean over seeds; `weighting.png` (right) draws one document.", "",
+                  "| method | period | kind | documents | entity/object | other | ratio |", "|---|---|---|---|---|---|---|"]
+        for _, r in df.iterrows():
+            lines.append(f"| {r['method']} | {r['period']} | {r['kind']} | {r['type']} | {fmt(r['fact'])} | "
+                         f"{fmt(r['other'])} | {fmt(r['ratio'])} |")
+    return "\n".join(lines)
