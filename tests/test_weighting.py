@@ -229,3 +229,14 @@ def test_camels_refuses_a_weighting_model_with_another_tokenizer(world, tmp_path
     wm.save(tmp_path / "other", word_tokenizer(["<eos>", "<unk>", "a", "b"]))
     with pytest.raises(InputError, match="tokenizer differs"):
         run_train(world, tmp_path / "x", {"token_weighting": {"kind": "camels"}}, weighting_model=tmp_path / "other")
+
+
+def test_report_section_and_figure(world, tmp_path):
+    from gradloc.report import weighting_report
+
+    run_train(world, tmp_path / "cam", {"token_weighting": {"kind": "camels"}}, weighting_model=world / "weighting_model")
+    run_train(world, tmp_path / "sal", {"token_weighting": {"kind": "salient_spans"}})
+    text = weighting_report([tmp_path / "cam", tmp_path / "sal"], world / "weighting_model", tmp_path / "w.png", 60)
+    assert "## Token weighting" in text and "CaMeLS meta-training" in text
+    assert "| m | 1 | salient_spans | all | 1.000 | 0.000 | – |" in text  # no ratio: other tokens weigh 0
+    assert (tmp_path / "w.png").stat().st_size > 1000

@@ -62,7 +62,7 @@ class WeightingModel(nn.Module):
         if not (folder / "weighting.json").exists():
             raise InputError(f"{folder}: not a weighting model (no weighting.json); run `gradloc metatrain`")
         meta = json.loads((folder / "weighting.json").read_text())
-        model = cls(AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32), meta["hidden"],
+        model = cls(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), meta["hidden"],
                     meta["beta"])
         model.head.load_state_dict(torch.load(folder / "head.pt", weights_only=True))
         return model.eval(), AutoTokenizer.from_pretrained(folder)
