@@ -43,10 +43,13 @@ def world(tmp_path_factory):
     (root / "tagged").mkdir()
     seqs.to_parquet(root / "tagged" / "sequences.parquet")
     mentions.to_parquet(root / "tagged" / "mentions.parquet")
-    probes = [{"period": 0, "subject_id": n, "prefix": f"{n} lives in", "object": f"Town{i % 4}"}
+    probes = [{"period": 0, "set": "unchanged", "subject_id": n, "prefix": f"{n} lives in", "object": f"Town{i % 4}"}
               for i, n in enumerate(names)]
-    probes += [{"period": 1, "subject_id": n, "prefix": f"{n} moved to", "object": f"Port{i}"}
+    probes += [{"period": 1, "set": "updated", "subject_id": n, "prefix": f"{n} moved to", "object": f"Port{i}"}
                for i, n in enumerate(names[:3])]
+    # an unchanged fact probed in period 1 (forgetting): its entity may still be meta-trained on
+    probes += [{"period": 1, "set": "unchanged", "subject_id": names[3], "prefix": f"{names[3]} lives in",
+                "object": "Town3"}]
     (root / "probes").mkdir()
     pd.DataFrame(probes).to_parquet(root / "probes" / "probes.parquet")
     make_tokens(root / "base_model", root / "tagged", root / "tokens")
@@ -151,14 +154,15 @@ def test_metatrain_bad_inputs(world, tmp_path):
         metatrain.run(CAMELS, backbone=world / "small_model", probes=tmp_path / "p", **args)
 
 
-def test_evaluation_entities_are_left_out_of_meta_training(world):
+def test_uptake_entities_are_left_out_of_meta_training(world):
     from gradloc.tokens import load
 
     toks = load(world / "tokens")
     data = metatrain.episodes_data(toks, char_tokenizer(), world / "tagged", world / "probes",
                                    {**CAMELS, "val_fraction": 0.3})
     used = {d["entity"] for d in data["train"] + data["val"]}
-    assert used and not used & {"Ent0", "Ent1", "Ent2"}  # probed in period 1
+    assert used and not used & {"Ent0", "Ent1", "Ent2"}  # their update is probed in period 1
+    assert "Ent3" in used, "an entity probed only for forgetting (unchanged) is meta-trained on"
     assert not {d["entity"] for d in data["train"]} & {d["entity"] for d in data["val"]}
 
 

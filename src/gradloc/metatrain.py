@@ -3,7 +3,7 @@ against the base model on T0 documents and T0 probes.
 
 Episodes: T0 documents (`split == base`) paired with the T0 probes (period 0) whose
 subject the document mentions and whose object it contains. Entities asked about by any
-evaluation probe (period >= 1) are left out; the rest are split by a hash of the entity
+uptake probe (new/updated/outdated/changed, period >= 1) are left out; the rest are split by a hash of the entity
 into meta-training and validation entities.
 
 One outer step: the weighting model gives each of `inner_steps` sequential documents its
@@ -117,6 +117,9 @@ def outer_loss(wmodel, model, params: dict, episode: dict, cfg: dict):
 
 # --- data -------------------------------------------------------------------------------
 
+UPTAKE_SETS = ("new", "updated", "outdated", "changed")
+
+
 def episodes_data(toks, tokenizer, tagged, probes, cfg: dict) -> dict:
     """{"train": [doc], "val": [doc], "other": [ids]}: each doc {ids, probes: [(ids, n_obj)],
     entity}; `other`: T0 documents without probes (the KL text)."""
@@ -126,12 +129,15 @@ def episodes_data(toks, tokenizer, tagged, probes, cfg: dict) -> dict:
     rows = toks.select(split="base")
     if rows.empty:
         raise InputError(f"{toks.path}/docs.parquet: no split == 'base' (T0) documents to meta-train on")
-    pr = read_table(Path(probes) / "probes.parquet", ["period", "subject_id", "prefix", "object"])
-    held = set(pr.loc[pr["period"] > 0, "subject_id"].astype(str))
+    pr = read_table(Path(probes) / "probes.parquet", ["period", "set", "subject_id", "prefix", "object"])
+    # Entities whose facts an update changes or adds (the uptake probes) are never meta-trained
+    # on. Unchanged entities are: their probes measure forgetting of the continually trained
+    # model, which the weighting model never sees, and the diffs hold no text about them.
+    held = set(pr.loc[(pr["period"] > 0) & pr["set"].isin(UPTAKE_SETS), "subject_id"].astype(str))
     t0 = pr[(pr["period"] == 0) & ~pr["subject_id"].astype(str).isin(held)]
     if t0.empty:
-        raise InputError(f"{probes}/probes.parquet: no T0 (period 0) probes about entities outside the evaluation "
-                         "probes: the meta-training question set is empty")
+        raise InputError(f"{probes}/probes.parquet: no T0 (period 0) probes about entities outside the uptake "
+                         "probes (new/updated/outdated/changed): the meta-training question set is empty")
     by_subject = {s: g for s, g in t0.groupby(t0["subject_id"].astype(str))}
     seqs = read_table(Path(tagged) / "sequences.parquet", ["seq_id", "text"]).set_index("seq_id")["text"]
     mentions = read_table(Path(tagged) / "mentions.parquet", ["seq_id", "entity_id"])
