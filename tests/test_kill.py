@@ -12,8 +12,10 @@ Snakemake's own records of the uninterrupted run (`.snakemake/metadata`), so a r
 to the workflow is covered without editing this test. A watcher thread finds a rule's
 job as the process whose stderr is that rule's log file (every rule redirects its
 command's output to its `log:`), and kills it once it has run for 70% as long as the
-same rule's job took in the uninterrupted run. A rule whose job ended before its kill is
-forced to run again (`--forcerun`) with an earlier kill, so no rule escapes.
+same rule's job took in the uninterrupted run; a job with resumable state (`--state`) is
+killed once its log shows two saved states instead, and must resume. A rule whose job
+ended before its kill is forced to run again (`--forcerun`) with an earlier kill, so no
+rule escapes.
 
 Runs with `--cores 2 --keep-going`, so jobs are killed while others write beside them.
 """
@@ -32,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
+import psutil  # installed with accelerate (a dependency of gradloc)
 import pytest
 import yaml
 
@@ -65,6 +67,9 @@ def recorded_jobs(results: Path) -> list[dict]:
     return list(jobs.values())
 
 
+SAVED = "Saving current state to"  # accelerate's line for each state a job saves (`--state`)
+
+
 class Killer(threading.Thread):
     """Kills the first job of each rule in `pending` once it has run `delay[rule]`
     seconds. A job is a descendant process of Snakemake whose stderr is a rule's log."""
@@ -75,6 +80,7 @@ class Killer(threading.Thread):
         self.proc, self.log_rule, self.delay, self.pending = snakemake, log_rule, delay, pending
         self.killed: list[tuple[str, str, float]] = []  # (rule, log, seconds after start)
         self.seen: dict[int, tuple[str, float]] = {}  # pid -> (rule, first seen)
+        self.after_save: list[str] = []  # logs of jobs killed after a saved state
 
     def job_rule(self, p: psutil.Process) -> str | None:
         try:
@@ -102,14 +108,24 @@ class Killer(threading.Thread):
                     # create_time is wall clock; keep the start on the monotonic clock
                     self.seen[p.pid] = (rule, now - max(0.0, time.time() - start))
                 rule, start = self.seen[p.pid]
-                if rule in self.pending and now - start >= self.delay[rule]:
+                if rule not in self.pending:
+                    continue
+                try:
+                    log = os.readlink(f"/proc/{p.pid}/fd/2")
+                    resumable = "--state" in p.cmdline()
+                    # a job with resumable state dies between two saved steps, so its rerun resumes
+                    saved = resumable and Path(log).read_text(errors="replace").count(SAVED) >= 2
+                except (OSError, psutil.Error):
+                    continue
+                if saved or now - start >= self.delay[rule] * (3 if resumable else 1):
                     try:
-                        log = os.readlink(f"/proc/{p.pid}/fd/2")
                         p.send_signal(signal.SIGKILL)
-                    except (OSError, psutil.Error):
+                    except psutil.Error:
                         continue
                     self.pending.discard(rule)
                     self.killed.append((rule, log, round(now - start, 2)))
+                    if saved:
+                        self.after_save.append(log)
             time.sleep(0.05)
 
 
@@ -153,7 +169,7 @@ def test_killed_jobs_rerun_to_the_same_bytes(test_run, tmp_path):
     ref_logs = {str(Path(log).relative_to(reference)): j["rule"] for j in jobs for log in j["log"]}
     log_rule = {str(results / rel): rule for rel, rule in ref_logs.items()}
     pending = set(rules)
-    history, forcerun = [], []
+    history, forcerun, after_save = [], [], []
     for attempt in range(3 * len(rules)):
         cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--keep-going", "--configfile", str(config),
                "--config", f"results={results}"]
@@ -167,6 +183,7 @@ def test_killed_jobs_rerun_to_the_same_bytes(test_run, tmp_path):
             rc = proc.wait(timeout=1800)
             killer.join()
         history.append((rc, killer.killed, forcerun))
+        after_save += killer.after_save
         if rc != 0 and not killer.killed:
             pytest.fail(f"snakemake failed without a kill (attempt {attempt}):\n{out.read_text()[-6000:]}")
         if rc == 0 and not pending:
@@ -184,6 +201,9 @@ def test_killed_jobs_rerun_to_the_same_bytes(test_run, tmp_path):
     print("runs (rc, killed (rule, log, seconds), forced):", *history, f"resumed from saved state: {resumed}",
           sep="\n")
     assert not pending
+    # every job killed after saving state resumed from it (its rerun's log says so)
+    assert after_save, "no job with resumable state (--state) was killed after a saved step"
+    assert set(after_save) <= {str(results / r) for r in resumed}
     # no half-written output left behind by a killed attempt
     assert [str(p) for p in results.rglob(".*.tmp-*")] == []
     got, want = files(results), files(reference)
