@@ -1,12 +1,13 @@
 """The base model stage on a tiny hand-written T0: it learns, saves and reloads."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
 import torch
 
-from gradloc import basemodel
+from gradloc import basemodel, cli
 from gradloc.io import InputError
 from gradloc.models import load_model, save_model
 
@@ -177,3 +178,27 @@ def test_gguf_source(inputs, tmp_path, quantize, atol):
         got, want = model(x).logits, src(x).logits
         assert (got - want).abs().max() <= atol * want.abs().max(), ((got - want).abs().max(), want.abs().max())
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["source"] == "gguf"
+
+
+def test_diverging_pretraining_stops_naming_the_step_and_leaves_no_output(inputs, tmp_path, capsys):
+    """lr 1e6 without clipping diverges: base-model pretraining stops at the first
+    non-finite loss (exit 3, one line naming step, lr and precision), writes no output
+    folder and keeps the state saved before that step."""
+    root, _ = inputs
+    params = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "lr": 1e6, "grad_clip": None, "warmup_ratio": 0,
+                                     "save_every": 1, "steps": 30}}
+    state, out = tmp_path / "state", tmp_path / "out"
+    argv = ["base-model", "--params", json.dumps(params), "--corpus", str(root / "corpus"),
+            "--split", str(root / "split"), "--probes", str(root / "probes"), "--state", str(state),
+            "--out", str(out)]
+    assert cli.main(argv) == 3
+    err = capsys.readouterr().err
+    # one line (tqdm's progress bar ends with "\r", not a newline, so split on both)
+    lines = [line for line in re.split(r"[\r\n]", err) if "gradloc base-model: error:" in line]
+    assert len(lines) == 1, err[-2000:]
+    m = re.search(r"non-finite loss or gradient norm at step (\d+) \(lr ([^,]+), precision no\); last finite loss",
+                  lines[0])
+    assert m, lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+    saved = json.loads((state / "latest.json").read_text())["step"]
+    assert saved == int(m.group(1)) - 1, "the state from just before the bad step is kept"

@@ -232,13 +232,13 @@ def test_errors(inputs, tmp_path):
 
 
 def test_missing_set_and_nan_stay_empty(inputs):
-    # A period without outdated probes (set absent) and an unscorable held-out set (NaN,
-    # as the evaluate stage writes it) give empty cells, not errors.
+    # A period without outdated probes (set absent) and no held-out sequences (null, as
+    # the evaluate stage writes "nothing measured") give empty cells, not errors.
     for folder in inputs["evals"]:
         path = f"{folder}/summary.json"
         summary = json.load(open(path))
         del summary["outdated"]
-        summary["heldout_ppl"] = float("nan")
+        summary["heldout_ppl"] = None
         open(path, "w").write(json.dumps(summary))
     table = run_report(inputs)
     full1 = row(table, "full", 1)
@@ -326,3 +326,37 @@ def test_versus_full_by_hand():
     assert r["top1_forgetting_vs_full_lo"] <= 25.0 <= r["top1_forgetting_vs_full_hi"]
     lines = "\n".join(T.versus_full_lines(vs))
     assert "| tgl_fp | +0.5 [+0.5, +0.5] | +0.2" in lines
+
+
+@pytest.mark.parametrize("where", ["summary", "metrics", "log", "relative"])
+def test_non_finite_inputs_are_refused_naming_the_file(inputs, where, capsys):
+    """NaN never becomes a table cell: a non-finite number in any input is an error (exit 2)
+    naming the file, and no report is written."""
+    folder = next(e for e in inputs["evals"] if e.endswith("full/seed1/P2"))
+    train = next(t for t in inputs["trains"] if t.endswith("full/seed1/P2"))
+    if where == "summary":
+        path = f"{folder}/summary.json"
+        summary = json.load(open(path))
+        summary["new"]["object_ppl"] = float("nan")
+        open(path, "w").write(json.dumps(summary))  # Python writes the bare token NaN
+    elif where == "metrics":
+        path = f"{train}/metrics.json"
+        text = open(path).read()
+        assert '"wall_time_s": 3.0' in text
+        open(path, "w").write(text.replace('"wall_time_s": 3.0', '"wall_time_s": Infinity'))
+    elif where == "log":
+        path = f"{train}/log.csv"
+        df = pd.read_csv(path)
+        df.loc[3, "loss"] = float("nan")
+        df.to_csv(path, index=False)
+    else:
+        path = f"{inputs['profile']}/relative.csv"
+        df = pd.read_csv(path)
+        df.loc[2, "rel"] = float("inf")
+        df.to_csv(path, index=False)
+    argv = ["report", "--params", '{"dpi": 40}', "--evals", *inputs["evals"], "--trains", *inputs["trains"],
+            "--profile", inputs["profile"], "--base-model", inputs["base_model"], "--out", inputs["out"]]
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gradloc report: error:")]
+    assert len(err) == 1 and path in err[0] and "non-finite" in err[0], err
+    assert not os.path.exists(inputs["out"])

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import schema
 from .io import InputError, atomic_output, read_table, write_json
 from .models import device, load_configured, max_positions, save_model
-from .scoring import score_probes, summarize
+from .scoring import fmt_ppl, score_probes, summarize
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def run(params: dict, corpus, split, probes, out, state=None, tokenizer=None) ->
         pd.DataFrame(rows, columns=["step", "loss", "lr"]).to_csv(tmp / "train_log.csv", index=False)
         write_json(metrics, tmp / "metrics.json")
         (tmp / "heldout_base.txt").write_text("".join(f"{i}\n" for i in heldout))
-    acc = ", ".join(f"{k} top1={v['top1']:.3f} obj_ppl={v['object_ppl']:.2f} (n={v['n']})" for k, v in summary.items())
+    acc = ", ".join(f"{k} top1={v['top1']:.3f} obj_ppl={fmt_ppl(v['object_ppl'])} (n={v['n']})" for k, v in summary.items())
     log.info("base model (%s): %d params, %d steps in %.0f s, final loss %s; T0 probes: %s", params["source"],
              metrics["n_params"], steps, train_time,
              f"{metrics['final_train_loss']:.3f}" if tail else "-", acc or "none")

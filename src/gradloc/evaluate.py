@@ -17,10 +17,10 @@ import pandas as pd
 import torch
 
 from . import schema
-from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet
+from .io import InputError, NonFiniteError, atomic_output, read_json, read_table, write_json, write_parquet
 from .methods import load_checkpoint
 from .models import checkpoint_dir, device
-from .scoring import PROBE_COLUMNS, ids_logprob, perplexity, score_probes, summarize
+from .scoring import PROBE_COLUMNS, fmt_ppl, ids_logprob, perplexity, score_probes, summarize
 from .tokens import load as load_tokens
 
 log = logging.getLogger(__name__)
@@ -98,12 +98,15 @@ def run(params: dict, model, probes, tokens, period, out, method: str | None = N
     texts = heldout_ids(tokens, period, params["heldout_max_sequences"], tokenizer=tokenizer)
     if probe_df.empty:
         log.warning("no probes for period %d in %s", period, probes)
-    scores, summary = evaluate_model(lm, tokenizer, probe_df, texts, params["batch_size"])
+    try:
+        scores, summary = evaluate_model(lm, tokenizer, probe_df, texts, params["batch_size"])
+    except NonFiniteError as e:  # name the checkpoint: its weights (a diverged run?) give no number
+        raise NonFiniteError(f"{ckpt} (period {period}): {e}") from None
     summary = {"method": method, "seed": seed, "period": period, **summary}
     with atomic_output(out) as tmp:
         write_parquet(scores, tmp / "scores.parquet")
         write_json(summary, tmp / "summary.json")
-    sets = ", ".join(f"{k}: n={v['n']} top1={v['top1']:.3f} obj_ppl={v['object_ppl']:.2f}"
+    sets = ", ".join(f"{k}: n={v['n']} top1={v['top1']:.3f} obj_ppl={fmt_ppl(v['object_ppl'])}"
                      for k, v in summary.items() if isinstance(v, dict))
-    log.info("evaluate %s (%s, seed %s) P%d: %d probes (%s); held-out ppl %.2f on %d sequences",
-             ckpt, method, seed, period, len(scores), sets or "none", summary["heldout_ppl"], len(texts))
+    log.info("evaluate %s (%s, seed %s) P%d: %d probes (%s); held-out ppl %s on %d sequences",
+             ckpt, method, seed, period, len(scores), sets or "none", fmt_ppl(summary["heldout_ppl"]), len(texts))

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 
@@ -47,18 +49,43 @@ def atomic_output(path: str | os.PathLike, is_dir: bool = True):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def nonfinite_keys(obj, prefix: str = "") -> list[str]:
+    """Dotted keys (list items as [i]) of the non-finite floats in a JSON-like object."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [prefix or "(top level)"]
+    if isinstance(obj, dict):
+        return [k for key, v in obj.items() for k in nonfinite_keys(v, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(obj, (list, tuple)):
+        return [k for i, v in enumerate(obj) for k in nonfinite_keys(v, f"{prefix}[{i}]")]
+    return []
+
+
 def write_json(obj, path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Strict JSON: a non-finite number is an error naming the file and key (write null
+    for "nothing measured")."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True, default=str, allow_nan=False)
+    except ValueError:
+        keys = nonfinite_keys(obj)
+        raise NonFiniteError(f"{path}: refusing to write non-finite number(s) at {', '.join(keys) or '?'}") from None
+    Path(path).write_text(text + "\n")
+
+
+def _refuse_constant(name: str):
+    raise ValueError(name)
 
 
 def read_json(path: str | os.PathLike):
+    """JSON as the pipeline writes it: strict, so NaN or Infinity is an error naming the file."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), parse_constant=_refuse_constant)
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except ValueError as e:
+        raise InputError(f"{path}: non-finite number {e} (not valid JSON; the stage that wrote it diverged)") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> pd.DataFrame:
@@ -118,6 +145,18 @@ def require_columns(df: pd.DataFrame, columns: list[str], where) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise InputError(f"{where}: missing column(s) {missing}; found {list(df.columns)}")
+
+
+def require_finite(df: pd.DataFrame, columns: list[str], where) -> None:
+    """Refuse a table whose numeric `columns` hold NaN or infinity, naming the file, column
+    and first row (0-based, as data rows)."""
+    for c in columns:
+        values = pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise InputError(f"{where}: column {c!r} row {i}: non-finite or non-numeric value {df[c].iloc[i]!r} "
+                             f"({int(bad.sum())} row(s) in all); the stage that wrote it diverged or was cut")
 
 
 def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .io import InputError
 
 GRANULARITIES = ("block", "module")
 # Sub-unit order inside a block at module granularity.
@@ -59,13 +62,25 @@ def load_model(path_or_id, *, revision=None, gguf_file=None, dtype=None):
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     path_or_id = os.fspath(path_or_id)
-    tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
-    if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-    if gguf_file:
-        from transformers import GgufConfig
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
+    local = Path(path_or_id).exists()
+    if local:
+        check_model_files(Path(path_or_id), gguf_file)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
+        if dtype is not None:
+            kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+        if gguf_file:
+            from transformers import GgufConfig
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        if not local:
+            raise
+        where = Path(path_or_id) / gguf_file if gguf_file else Path(path_or_id)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{where}: cannot load as a model ({first})") from e
+    if local:
+        check_vocab(model, tokenizer, Path(path_or_id))
     if gguf_file:
         model = _plain_copy(model)
     if tokenizer.pad_token is None:
@@ -73,6 +88,61 @@ def load_model(path_or_id, *, revision=None, gguf_file=None, dtype=None):
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_model_files(folder: Path, gguf_file: str | None = None) -> None:
+    """Refuse a local model that cannot be right, one line naming the file: a GGUF file
+    without the GGUF magic, a folder without weights, a truncated safetensors file."""
+    if gguf_file:
+        path = folder / gguf_file
+        if not path.is_file():
+            raise InputError(f"{path}: GGUF file not found")
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise InputError(f"{path}: not a GGUF file (expected the magic bytes b'GGUF' at the start, "
+                             f"found {magic!r})")
+        return
+    if not folder.is_dir():
+        raise InputError(f"{folder}: expected a model folder (config.json and weights), found a file")
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder}: not a model folder (expected config.json beside the weights)")
+    if not any((folder / w).is_file() for w in WEIGHT_FILES):
+        raise InputError(f"{folder}: no model weights (expected one of {', '.join(WEIGHT_FILES)})")
+    for path in sorted(folder.glob("*.safetensors")):
+        check_safetensors(path)
+
+
+def check_safetensors(path: Path) -> None:
+    """The header (8-byte length + JSON) promises each tensor's byte range: the file must
+    hold them all (a copy cut short, a download interrupted)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise ValueError("header length")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise InputError(f"{path}: not a safetensors file (expected an 8-byte header length and a JSON "
+                         f"header; {size} bytes)") from None
+    if 8 + n + end != size:
+        raise InputError(f"{path}: truncated safetensors file ({size} bytes; its header promises "
+                         f"{8 + n + end})")
+
+
+def check_vocab(model, tokenizer, folder: Path) -> None:
+    """Every token id the tokenizer can produce must have an embedding row."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise InputError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
+                         f"{rows} (expected the tokenizer saved with these weights)")
 
 
 def package_file(ref: str) -> Path:

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import schema
-from .io import InputError, atomic_output, read_json, read_table, write_parquet
+from .io import InputError, NonFiniteError, atomic_output, read_json, read_table, write_parquet
 from .pergrad import aggregate_units, per_example_grad_norms, per_example_param_sq_norms  # noqa: F401
 from .models import checkpoint_dir, device, layer_units, load_model, n_blocks, unit_layer
 from .scoring import pad_batch
@@ -201,7 +201,14 @@ def profile_norms(model, tokenizer, seqs: pd.DataFrame, seq_len: int, batch_size
             loss_mask, _ = pad_batch([masks[i] for i in idx], 0, device)
         sq = per_example_param_sq_norms(model, ids, mask, loss_mask)
         for g, u in units.items():
-            rows[g].append(aggregate_units(sq, u).double().cpu().numpy())
+            norms = aggregate_units(sq, u).double().cpu().numpy()
+            if not np.isfinite(norms).all():
+                r, c = (int(x[0]) for x in np.nonzero(~np.isfinite(norms)))
+                seq = seqs.iloc[idx[r]]
+                raise NonFiniteError(
+                    f"profile: non-finite gradient norm {norms[r, c]} of unit {list(u)[c]} for sequence "
+                    f"{seq['seq_id']} ({seq['knowledge_type']}); the model's weights or loss overflow")
+            rows[g].append(norms)
     frames = []
     meta = seqs.iloc[keep][["seq_id", "knowledge_type"]].reset_index(drop=True)
     for g, u in units.items():
@@ -236,6 +243,9 @@ def relative_norms(norms: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
             if len(x) == 0 or len(control) == 0:
                 continue
             rel = x.mean() / control.mean()
+            if not np.isfinite(rel):
+                raise NonFiniteError(f"profile: relative norm of {unit} ({kt}) is {rel}: mean {kt} norm "
+                                     f"{x.mean()}, mean control norm {control.mean()}")
             lo = hi = float("nan")
             if n_boot > 0:
                 bx = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)

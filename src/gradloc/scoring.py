@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .io import require_columns
+from .io import NonFiniteError, require_columns
 from .models import max_positions
 
 PROBE_COLUMNS = ["probe_id", "set", "prefix", "object", "statement"]
@@ -152,14 +152,33 @@ def score_probes(model, tokenizer, probes_df: pd.DataFrame, batch_size: int = 32
             "top1": bool(k and np.array_equal(obj_pred[i][-k:], target)),
         })
     out = pd.DataFrame(rows)
+    for col in ("object_logprob", "statement_logprob"):
+        bad = ~np.isfinite(out[col].to_numpy())
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise NonFiniteError(
+                f"probe {probes_df['probe_id'].iloc[i]} (set {probes_df['set'].iloc[i]}): non-finite "
+                f"{col.replace('_', ' ')} {out[col].iloc[i]} ({int(bad.sum())} probe(s) in all)")
     out.insert(0, "set", probes_df["set"].astype(str).to_numpy())
     out.insert(0, "probe_id", probes_df["probe_id"].astype(str).to_numpy())
     return out[SCORE_COLUMNS]
 
 
-def perplexity(logprob_sum: float, n_tokens: int) -> float:
-    """exp(-sum log p / tokens); NaN when nothing was scored."""
-    return math.exp(-logprob_sum / n_tokens) if n_tokens > 0 else float("nan")
+def perplexity(logprob_sum: float, n_tokens: int) -> float | None:
+    """exp(-sum log p / tokens); None ("nothing measured", null in JSON) when nothing was
+    scored. A non-finite sum is a NonFiniteError, never a perplexity."""
+    if n_tokens <= 0:
+        return None
+    if not math.isfinite(logprob_sum):
+        raise NonFiniteError(f"non-finite log-probability sum {logprob_sum} over {n_tokens} tokens")
+    try:
+        return math.exp(-logprob_sum / n_tokens)
+    except OverflowError:
+        raise NonFiniteError(f"perplexity overflows: mean log-probability {logprob_sum / n_tokens:.4g}") from None
+
+
+def fmt_ppl(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def text_logprob(model, tokenizer, texts: list[str], batch_size: int = 32,
@@ -182,6 +201,9 @@ def ids_logprob(model, tokenizer, seqs: list[list[int]], batch_size: int = 32,
     if not seqs:
         return 0.0, 0
     lps, _ = token_logprobs(model, tokenizer, seqs, batch_size, "held-out" if progress else None)
+    bad = [i for i, lp in enumerate(lps) if not np.isfinite(lp).all()]
+    if bad:
+        raise NonFiniteError(f"held-out sequence {bad[0]}: non-finite log-probability ({len(bad)} sequence(s) in all)")
     return float(sum(lp.sum() for lp in lps)), int(sum(len(lp) for lp in lps))
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import schema
-from .io import InputError, atomic_output, read_table, write_json
+from .io import InputError, atomic_output, read_table, require_finite, write_json
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,8 @@ def select(relative: pd.DataFrame, params: dict) -> dict:
         "units": selected,
         "lr_multipliers": multipliers,
         "reasons": reasons,
-        "relative": {u: float(r_mean[u]) for u in order},
+        # null: a unit with no relative norm for the chosen types ("nothing measured")
+        "relative": {u: (float(r_mean[u]) if pd.notna(r_mean[u]) else None) for u in order},
         "significance": significance,
     }
 
@@ -184,6 +185,7 @@ def run(params: dict, profile, out) -> None:
         relative["layer"] = pd.to_numeric(relative["layer"]).astype(int)
     except (ValueError, TypeError) as e:
         raise InputError(f"{path}: columns rel and layer must be numeric ({e})") from None
+    require_finite(relative, ["rel"], path)
     selection = select(relative, params)
     with atomic_output(out, is_dir=False) as tmp:
         write_json(selection, tmp)

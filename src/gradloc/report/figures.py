@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
-from ..io import InputError, read_table  # noqa: E402
+from ..io import InputError, read_table, require_finite  # noqa: E402
 from .table import ALL_PERIODS, BASE, is_ppl  # noqa: E402
 
 HEATMAP_TITLE = "Where updates land: relative gradient norm per layer (bottom = input)"
@@ -100,7 +100,9 @@ def render_heatmap(profile, path: Path, dpi: int) -> None:
     profile = Path(profile)
     csv = profile / "relative.csv"
     if csv.exists():
-        heatmap(read_table(csv, columns=["knowledge_type", "granularity", "unit", "layer", "rel"]), path, dpi)
+        relative = read_table(csv, columns=["knowledge_type", "granularity", "unit", "layer", "rel"])
+        require_finite(relative, ["layer", "rel"], csv)
+        heatmap(relative, path, dpi)
     elif (profile / "heatmap.png").exists():
         shutil.copyfile(profile / "heatmap.png", path)
     else:

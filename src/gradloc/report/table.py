@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..io import InputError, read_json, read_table
+from ..io import InputError, read_json, read_table, require_finite
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ def _number(value, where: str) -> float:
         return math.nan  # e.g. a set with no probes this period
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InputError(f"{where}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise InputError(f"{where}: non-finite number {value!r}")
     return float(value)
 
 
@@ -130,8 +132,10 @@ def read_trains(trains: list) -> tuple[pd.DataFrame, pd.DataFrame]:
         if not isinstance(metrics, dict):
             raise InputError(f"{path}: expected a JSON object")
         method, seed, period = read_identity(metrics, path, seed_required=True)
-        df = read_table(Path(folder) / "log.csv", columns=["step", "loss"])
-        df = df[["step", "loss"]].apply(pd.to_numeric, errors="coerce").dropna()
+        log_path = Path(folder) / "log.csv"
+        df = read_table(log_path, columns=["step", "loss"])
+        require_finite(df, ["step", "loss"], log_path)
+        df = df[["step", "loss"]].apply(pd.to_numeric)
         frames.append(df.assign(method=method, seed=seed, period=period))
         costs.append({"method": method, "seed": seed, "period": period,
                       **{k: _number(metrics.get(k), f"{path}: key {k}") for k in COST_COLUMNS}})
