@@ -177,11 +177,13 @@ def test_salient_loss_and_controls(tmp_path):
     write_mentions(tmp_path)
     tok = tokenizer()
     base = {"n_sequences": 5, "batch_size": 4, "seq_len": 8, "bootstrap": 20}
-    # the default (model trained here, nothing held out): unchanged diff text, disjoint from the unchanged sample
     p = profile.with_defaults(base)
     assert (p["control"], p["loss"]) == ("auto", "salient")
-    seqs = profile.diagnostic_sequences(p, tmp_path / "tokens", None, tok, model_dir=tmp_path / "base",
-                                        tagged=tmp_path / "tagged")
+    # a model trained here on all of T0: auto falls back to T0 text (memorised, said in the log)
+    assert profile.resolve_control(p, tmp_path / "base") == "base"
+    # unchanged diff text, disjoint from the unchanged sample
+    seqs = profile.diagnostic_sequences({**p, "control": "unchanged_diff"}, tmp_path / "tokens", None, tok,
+                                        model_dir=tmp_path / "base", tagged=tmp_path / "tagged")
     ctrl = set(seqs.loc[seqs["knowledge_type"] == "control", "seq_id"])
     assert ctrl and not ctrl & set(seqs.loc[seqs["knowledge_type"] == "unchanged", "seq_id"])
     assert all(int(s[1:]) >= 12 for s in ctrl)  # diff (train) sequences, not base

@@ -47,6 +47,7 @@ def check(model, tokenizer, n_layers):
     seqs = pd.DataFrame({"seq_id": ["a", "b", "c"], "knowledge_type": ["new", "updated", "control"],
                          "text": ["Nova Labs was founded in 2021 in Osterby.", "Mara Keller now works for Nova Labs.",
                                   "The river flows through the old town."]})
+    seqs["ids"] = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in seqs["text"]]  # as tokens/ gives them
     norms = profile_norms(model, tokenizer, seqs, seq_len=16, batch_size=3)
     blocks_only = norms[(norms["granularity"] == "block") & norms["unit"].str.startswith("block.")]
     assert blocks_only["unit"].nunique() == n_layers
