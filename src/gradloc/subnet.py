@@ -327,15 +327,24 @@ def run(params: dict, model, probes, tokens, out) -> None:
     sets, control = knowledge_sets(params, probes_df, known)
 
     toks = load_tokens(tokens, tokenizer)
+    # Base text for the LM control and the held-out perplexity: T0 documents in a seeded
+    # order, joined with EOS and cut into seq_len-token blocks (most documents are shorter).
     base = toks.select(split="base")
-    base = base[base["length"] >= params["seq_len"] - len(toks.meta["leading_special_ids"])]
     order = np.random.default_rng(params["sample_seed"]).permutation(len(base))
     n_lm, n_held = params["n_lm"], params["n_heldout"]
-    if len(order) < n_lm + n_held:
-        raise InputError(f"subnet: {len(order)} base sequences of >= {params['seq_len']} tokens; "
-                         f"n_lm + n_heldout = {n_lm + n_held}")
     lead = list(toks.meta["leading_special_ids"])
-    docs = [np.asarray(lead + d.tolist()[:params["seq_len"] - len(lead)]) for d in toks.docs_of(base.iloc[order])]
+    width = params["seq_len"] - len(lead)
+    stream, docs = [], []
+    for d in toks.docs_of(base.iloc[order]):
+        stream += d.tolist() + [toks.meta["eos_id"]]
+        while len(stream) >= width and len(docs) < n_lm + n_held:
+            docs.append(np.asarray(lead + stream[:width]))
+            stream = stream[width:]
+        if len(docs) == n_lm + n_held:
+            break
+    if len(docs) < n_lm + n_held:
+        raise InputError(f"subnet: the base text gives {len(docs)} blocks of {params['seq_len']} tokens; "
+                         f"n_lm + n_heldout = {n_lm + n_held}")
     lm_seqs, heldout = docs[:n_lm], [d.tolist() for d in docs[n_lm:n_lm + n_held]]
 
     targets = mask_targets(lm, params["blocks"], params["granularity"])
