@@ -102,21 +102,6 @@ class StepBatches(Sampler):
             yield from (chunk.tolist() for chunk in rows.view(self.parts, -1))
 
 
-class TensorBlocks(Dataset):
-    """Rows of a dict of equal-length tensors; fetched a batch at a time."""
-
-    def __init__(self, data: Callable[[int], dict] | dict):
-        self.data = data
-
-    def __len__(self):
-        raise TypeError("TensorBlocks is used with a batch sampler only")
-
-    def __getitems__(self, index: list[int]) -> dict:
-        data = self.data
-        idx = torch.as_tensor(index)
-        return {k: v[idx] for k, v in data.items()}
-
-
 def make_loader(dataset: Dataset, batches: StepBatches) -> DataLoader:
     # Its own generator: a DataLoader iterator draws a seed when it starts, and drawing it
     # from the global RNG would shift the dropout masks of a resumed run.
