@@ -73,16 +73,23 @@ def read_identity(d: dict, path, seed_required: bool) -> tuple[str, int | None, 
     return method, seed, period
 
 
+def read_object(folder, name: str, kind: str) -> tuple[Path, dict]:
+    """(path, content) of the JSON object `name` in a stage folder; a missing file or a
+    non-object is an error naming it."""
+    path = Path(folder) / name
+    if not path.exists():
+        raise InputError(f"{path}: file not found ({kind} folder {folder} has no {name})")
+    content = read_json(path)
+    if not isinstance(content, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return path, content
+
+
 def read_summary(folder) -> dict:
     """One eval folder's summary.json flattened to {"method", "seed", "period",
     "<set>_<metric>": x, "heldout_ppl": x}, for the sets of SETS (NaN where missing: no
     probes of that kind in this period) and any other set the file holds."""
-    path = Path(folder) / "summary.json"
-    if not path.exists():
-        raise InputError(f"{path}: file not found (eval folder {folder} has no summary.json)")
-    summary = read_json(path)
-    if not isinstance(summary, dict):
-        raise InputError(f"{path}: expected a JSON object")
+    path, summary = read_object(folder, "summary.json", "eval")
     method, seed, period = read_identity(summary, path, seed_required=False)
     sets = summary.get("sets", summary)  # tolerate the per-set dicts nested under "sets"
     extra = sorted(k for k, v in sets.items() if k not in SETS and k not in NON_SET_KEYS and isinstance(v, dict))
@@ -125,12 +132,7 @@ def read_trains(trains: list) -> tuple[pd.DataFrame, pd.DataFrame]:
     wall_time_s; NaN where a cost key is missing)."""
     frames, costs = [], []
     for folder in tqdm(list(trains), desc="read train logs", unit="folder", leave=False):
-        path = Path(folder) / "metrics.json"
-        if not path.exists():
-            raise InputError(f"{path}: file not found (train folder {folder} has no metrics.json)")
-        metrics = read_json(path)
-        if not isinstance(metrics, dict):
-            raise InputError(f"{path}: expected a JSON object")
+        path, metrics = read_object(folder, "metrics.json", "train")
         method, seed, period = read_identity(metrics, path, seed_required=True)
         log_path = Path(folder) / "log.csv"
         df = read_table(log_path, columns=["step", "loss"])
