@@ -54,3 +54,25 @@ def snakemake(*args, cwd=ROOT, env: dict | None = None, timeout: int = 1200, che
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
     return r
+
+
+def make_subnet(model, out, densities: dict[int, float], period: int = 1, seeds=(0, 1)) -> Path:
+    """A `gradloc subnet` folder for `model` with random weight masks of `outdated_P{period}`:
+    block b's matrices masked at rate densities[b] (masks/*.npz and density.csv, as the stage writes)."""
+    import numpy as np
+    import pandas as pd
+
+    from gradloc import subnet
+
+    out = Path(out)
+    (out / "masks").mkdir(parents=True)
+    targets = subnet.mask_targets(model)
+    name, tables = f"outdated_P{period}", []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        masks = {n: rng.random(shape) < densities[layer] for n, (_, layer, shape) in targets.items()}
+        np.savez(out / "masks" / f"{name}_seed{seed}.npz", **subnet.pack(masks))
+        tables.append(subnet.density_table(model, targets, masks).assign(knowledge_set=name, kind="outdated",
+                                                                           period=period, seed=seed))
+    pd.concat(tables).to_csv(out / "density.csv", index=False)
+    return out

@@ -92,6 +92,17 @@ def test_typo_fails_before_any_job(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_subnet_methods_need_masks_of_every_trained_period(tmp_path):
+    bad = load("test")
+    bad["subnet"]["periods"] = [1]  # the test world has periods 1 and 2
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    r = snakemake("-n", "--configfile", str(path), "--config", f"results={tmp_path}/r")
+    assert r.returncode != 0
+    assert "subnet.periods: methods ['subnet+mix_review'] train where each period's subnetwork points; " \
+           "add period(s) [2]" in r.stdout + r.stderr
+
+
 def stage_argv(stage: str, params: dict) -> list[str]:
     """`gradloc STAGE --params PARAMS` with every required argument pointing nowhere: the
     params are checked before any input is read."""

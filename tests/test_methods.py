@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from helpers import char_tokenizer
+from helpers import char_tokenizer, make_subnet
 
 from gradloc import methods
 from gradloc.io import InputError
@@ -128,6 +128,58 @@ def test_controls_pick_as_many_blocks_as_the_selection():
     assert all(len(p) == 3 and p[0] == "embed" for p in picks)
     assert len(picks) > 1, "different seeds pick different blocks"
     assert unit_multipliers("random", UNITS, sel, 5) == unit_multipliers("random", UNITS, sel, 5)
+
+
+DENSITY = {0: 0.05, 1: 0.4, 2: 0.1, 3: 0.3}  # blocks 1 and 3 are the densest
+
+
+def test_layers_subnet_trains_the_densest_blocks(tmp_path):
+    model = gpt2()
+    folder = make_subnet(model, tmp_path / "subnet", DENSITY)
+    prepared = prepare(model, {"layers": "subnet"}, SELECTION, subnet=folder)
+    assert prepared.trained_units == ["block.1", "block.3"]  # as many as TGL-FP's 2, the densest
+    with pytest.raises(InputError, match=r"no subnetwork for outdated_P2 .*add 2 to subnet.periods"):
+        prepare(gpt2(), {"layers": "subnet"}, SELECTION, subnet=folder, period=2)
+    with pytest.raises(InputError, match="needs --subnet"):
+        prepare(gpt2(), {"layers": "subnet"}, SELECTION)
+
+
+@pytest.mark.parametrize("method", [{"mask": "subnet"}, {"mask": "subnet", "layers": "tgl_fp"},
+                                    {"mask": "subnet", "recadam": {"anneal_t0": 0, "coeff": 1.0}}])
+def test_mask_subnet_updates_only_the_masked_weights(tmp_path, method):
+    model = gpt2()
+    folder = make_subnet(model, tmp_path / "subnet", DENSITY)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prepared = prepare(model, method, SELECTION, subnet=folder)
+    masks = methods.masking.load_masks(folder, 1, model)
+    if method.get("layers") == "tgl_fp":
+        masks = {n: m for n, m in masks.items() if n.startswith(("transformer.h.2.", "transformer.h.3."))}
+    assert prepared.sparse.trainable() == sum(int(m.sum()) for m in masks.values())
+    optimizer = train_steps(prepared, steps=3)  # weight decay 0.01 touches every entry the optimizer sees
+    for n, p in model.named_parameters():
+        if n not in masks:
+            assert torch.equal(p, before[n]), n  # not a masked matrix (or outside tgl_fp's blocks): untouched
+            continue
+        m = masks[n]
+        assert torch.equal(p[~m], before[n][~m]), n  # outside the mask: bit-identical
+        assert (p[m] != before[n][m]).float().mean() > 0.9, n  # inside: trained
+        if "exp_avg" in optimizer.state[p]:  # the moments see only the masked entries' gradients
+            assert (optimizer.state[p]["exp_avg"][~m] == 0).all()
+
+
+def test_mask_union_over_seeds_and_errors(tmp_path):
+    model = gpt2()
+    folder = make_subnet(model, tmp_path / "subnet", DENSITY)
+    one = make_subnet(model, tmp_path / "one", DENSITY, seeds=(0,))
+    union, first = methods.masking.load_masks(folder, 1, model), methods.masking.load_masks(one, 1, model)
+    name = "transformer.h.1.mlp.c_fc.weight"
+    assert (union[name] >= first[name]).all() and union[name].sum() > first[name].sum()
+    assert union[name].float().mean() == pytest.approx(1 - 0.6 ** 2, abs=0.02)  # two masks at 0.4
+    with pytest.raises(InputError, match="does not combine with lora"):
+        resolve_method({"mask": "subnet", "lora": {}})
+    (folder / "masks" / "outdated_P1_seed1.npz").write_bytes(b"not a zip")
+    with pytest.raises(InputError, match=r"outdated_P1_seed1\.npz: not a readable subnet mask"):
+        methods.masking.load_masks(folder, 1, model)
 
 
 def test_selection_errors_name_the_file(tmp_path):

@@ -181,10 +181,12 @@ def test_camels_setting_reruns_the_meta_training_and_its_methods(completed):
     assert jobs == {("metatrain", "weighting_model")} | train_and_eval(cfg, camels) | REPORT
 
 
-def test_subnet_setting_reruns_only_the_subnet_and_the_report(completed):
+def test_subnet_setting_reruns_the_subnet_its_methods_and_the_report(completed):
     _, _, cfg = completed
+    users = [m for m, v in cfg["train"]["methods"].items() if "subnet" in (v.get("layers"), v.get("mask"))]
+    assert users and len(users) < len(cfg["train"]["methods"])
     jobs = dry_run_with(completed, {"subnet": {"steps": cfg["subnet"]["steps"] + 1}})
-    assert jobs == {("subnet", "subnet")} | REPORT
+    assert jobs == {("subnet", "subnet")} | train_and_eval(cfg, users) | REPORT
 
 
 def test_report_setting_reruns_only_the_report(completed):

@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from helpers import char_tokenizer, make_tokens
+from helpers import char_tokenizer, make_subnet, make_tokens
 
 from gradloc import cli, engine, tokens, train
+from gradloc.methods import masking
 from gradloc.io import InputError
 from gradloc.models import layer_units, save_model
 
@@ -89,6 +90,25 @@ def test_tgl_fp_keeps_frozen_weights_bit_identical(world, tmp_path):
     assert metrics["diff_blocks"] == 9 and metrics["steps"] == 5
     assert [int(r["step"]) for r in log] == [2, 4, 5]
     assert float(log[0]["lr"]) == pytest.approx(1e-2 * 4 / 5)  # linear decay, lr of the step logged
+
+
+def test_mask_subnet_trains_only_inside_the_mask(world, tmp_path):
+    """The sparse update through the whole loop (accelerate, clipping, weight decay, save):
+    every weight outside the mask is bit-identical in the saved checkpoint."""
+    gpt2 = AutoModelForCausalLM.from_pretrained(world / "base_model" / "model")
+    folder = make_subnet(gpt2, tmp_path / "subnet", {0: 0.05, 1: 0.4, 2: 0.1, 3: 0.3})
+    params = {"name": "m", "common": {**COMMON, "weight_decay": 0.1}, "method": {"mask": "subnet", "replay": {}}}
+    metrics = train.run(params, init=world / "base_model", tokens=world / "tokens", period=1, seed=0,
+                        out=tmp_path / "out", subnet=folder)
+    masks = masking.load_masks(folder, 1, gpt2)
+    init, trained = weights(world / "base_model"), weights(tmp_path / "out")
+    assert metrics["trainable_params"] == sum(int(m.sum()) for m in masks.values())
+    changed = 0
+    for name in init:
+        m = masks.get(name, torch.zeros(init[name].shape, dtype=torch.bool))
+        assert torch.equal(init[name][~m], trained[name][~m]), name
+        changed += int((init[name][m] != trained[name][m]).sum())
+    assert changed > 0.9 * metrics["trainable_params"]
 
 
 def test_same_seed_same_weights(world, tmp_path):

@@ -53,6 +53,7 @@ STAGES = {
                                 ("tagged", "tagged folder (token_weighting: entity mentions)"),
                                 ("probes", "probes folder (token_weighting: probe objects)"),
                                 ("weighting_model", "weighting model folder (token_weighting camels)"),
+                                ("subnet", "subnet folder (layers: subnet, mask: subnet)"),
                                 ("out", "output folder")]),
     "metatrain": ("gradloc.metatrain", [("base", "base model folder"),
                                         ("backbone", "small model with the base model's tokenizer"),
@@ -74,7 +75,7 @@ STAGES = {
 LIST_ARGS = {"evals", "trains"}
 INT_ARGS = {"period", "seed", "gpus"}
 OPTIONAL_ARGS = {"selection", "state", "gpus", "tokenizer", "attention", ("attention", "probes"), ("train", "probes"),
-                 ("train", "tagged"), ("train", "weighting_model"), ("report", "weighting"), ("report", "subnet"),
+                 ("train", "tagged"), ("train", "weighting_model"), ("train", "subnet"), ("report", "weighting"), ("report", "subnet"),
                  ("evaluate", "method"), ("evaluate", "seed"), ("profile", "tagged")}  # name or (stage, name)
 
 

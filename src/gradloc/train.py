@@ -114,7 +114,7 @@ def period_docs(tokens, period: int) -> tuple[list[np.ndarray], list[np.ndarray]
 # --- the stage ------------------------------------------------------------------------------
 
 def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None, out="train", gpus=0,
-        attention=None, tagged=None, probes=None, weighting_model=None) -> dict:
+        attention=None, tagged=None, probes=None, weighting_model=None, subnet=None) -> dict:
     from accelerate.utils import set_seed
 
     cfg = settings(params)
@@ -127,7 +127,7 @@ def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None
     max_len = max_positions(model)
     if max_len and cfg["seq_len"] > max_len:
         raise InputError(f"train params: seq_len {cfg['seq_len']} exceeds the model's {max_len} positions")
-    prepared = methods.prepare(model, cfg["method"], selection, seed)
+    prepared = methods.prepare(model, cfg["method"], selection, seed, subnet=subnet, period=period)
 
     toks = load_tokens(tokens, tokenizer)
     eos, pad_id = toks.meta["eos_id"], toks.meta["pad_id"] or 0
@@ -172,7 +172,8 @@ def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None
     optimizer = methods.make_optimizer(prepared, cfg["lr"], cfg["weight_decay"])
     scheduler = engine.make_scheduler(optimizer, cfg["schedule"], total_steps, int(cfg["warmup_ratio"] * total_steps),
                                       W)
-    fp = engine.fingerprint(cfg, [init, tokens, selection, attention, tagged, probes, weighting_model], period, seed, W)
+    fp = engine.fingerprint(cfg, [init, tokens, selection, attention, tagged, probes, weighting_model, subnet], period,
+                            seed, W)
     model, optimizer, progress = engine.fit(
         accelerator, prepared.model, optimizer, scheduler, data, engine.StepBatches(rows, total_steps, A, W),
         grad_clip=cfg["grad_clip"], log_every=cfg["log_every"], desc=f"train {cfg['name']} P{period}",
@@ -247,7 +248,9 @@ def write_outputs(model, tokenizer, optimizer, prepared, cfg, progress, total_st
     metrics = {
         "method": cfg["name"], "method_config": cfg["method"], "period": period, "seed": seed,
         "trained_units": prepared.trained_units, "granularity": prepared.info["granularity"],
-        "trainable_params": sum(p.numel() for g in prepared.groups for p in g["params"]),
+        # mask: subnet trains only the masked entries of its tensors
+        "trainable_params": prepared.sparse.trainable() if prepared.sparse else
+        sum(p.numel() for g in prepared.groups for p in g["params"]),
         "total_params": sum(p.numel() for p in params),
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "steps": total_steps, "epochs": cfg["epochs"], "diff_blocks": n_diff,

@@ -80,6 +80,26 @@ def needs_selection(method):
     return config["train"]["methods"][method].get("layers", "all") != "all"
 
 
+def uses_subnet(method):
+    """layers: subnet and mask: subnet read the subnet stage's masks of the trained period."""
+    m = config["train"]["methods"][method]
+    return m.get("layers") == "subnet" or m.get("mask") == "subnet"
+
+
+def subnet_input(w):
+    return [f"{R}/subnet"] if uses_subnet(w.method) else []
+
+
+def check_subnet_periods():
+    """Each trained period needs its own masks (outdated_P{k}); say so before any job."""
+    users = [m for m in METHODS if uses_subnet(m)]
+    if users and config["data"]["source"] in ("synthetic", "temporalwiki"):
+        missing = sorted(set(periods()) - set(config["subnet"]["periods"]))
+        if missing:
+            raise ValueError(f"invalid configuration:\n  subnet.periods: methods {users} train where each period's "
+                             f"subnetwork points; add period(s) {missing}")
+
+
 def needs_attention(method):
     return "augment" in config["train"]["methods"][method]
 
@@ -148,6 +168,9 @@ def report_evals(w):
 
 def report_trains(w):
     return [f"{R}/train/{m}/seed{s}/P{p}" for m in METHODS for s in SEEDS for p in periods()]
+
+
+check_subnet_periods()
 
 
 def data_targets():

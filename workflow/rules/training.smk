@@ -5,12 +5,14 @@ rule train:
         tokens=rules.tokens.output[0],
         selection=selection_input,
         attention=attention_input,
+        subnet=subnet_input,
     output:
         directory(f"{R}/train/{{method}}/seed{{seed}}/P{{period}}"),
     params:
         p=lambda w: train_params(w.method),
         selection=lambda w, input: f"--selection {input.selection[0]}" if input.selection else "",
         attention=lambda w, input: f"--attention {input.attention[0]}" if input.attention else "",
+        subnet=lambda w, input: f"--subnet {input.subnet[0]}" if input.subnet else "",
         weighting=weighting_args,
         # Resumable state lives outside the output, which Snakemake deletes after a failure.
         state=f"{R}/.train_state/{{method}}/seed{{seed}}/P{{period}}",
@@ -28,5 +30,5 @@ rule train:
         "../../envs/train.yaml"
     shell:
         "{params.launcher} train --params {params.p:q} --init {input.init} --tokens {input.tokens}"
-        " {params.selection} {params.attention} {params.weighting} --period {wildcards.period} --seed {wildcards.seed}"
+        " {params.selection} {params.attention} {params.subnet} {params.weighting} --period {wildcards.period} --seed {wildcards.seed}"
         " --state {params.state} --gpus {resources.gpu} --out {output} > {log} 2>&1"

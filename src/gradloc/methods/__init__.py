@@ -3,7 +3,8 @@
 A method is a combination of parts (config `train.methods.*`, defaults in the schema's
 `$defs.method`), one file each:
 - `layers`: the trainable-parameter policy, which units train at which lr multiplier
-  (`all` = DIFF, `tgl_fp`, `tgl_alr`, and the controls `random`/`first`/`last`);
+  (`all` = DIFF, `tgl_fp`, `tgl_alr`, the controls `random`/`first`/`last`, and `subnet`);
+- `mask: subnet`: a sparse update inside the knowledge-critical subnetwork (`masking`);
 - an adapter: `lora` (PEFT, merged before saving) or `kadapter` (base frozen);
 - `recadam`: the optimizer;
 - `replay` (Mix-Review): data only, the base blocks `gradloc.train` mixes into each epoch;
@@ -11,7 +12,7 @@ A method is a combination of parts (config `train.methods.*`, defaults in the sc
 
 `prepare()` turns a loaded model and a method into a `Prepared` (model to train plus
 optimizer param groups); `make_optimizer()` builds the optimizer. A new localisation
-(e.g. a weight mask) is another policy returning {unit: multiplier} or its own groups.
+is another policy returning {unit: multiplier}, or, like `mask`, its own restriction.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from ..engine import lm_loss
 from ..io import InputError
 from ..models import layer_units
 from ..schema import fill
-from . import lora
+from . import lora, masking
 from .checkpoint import K_ADAPTER_FILES, load_checkpoint, save_checkpoint
 from .kadapter import AdapterBlock, KAdapterModel
 from .layers import POLICIES, read_selection, unit_multipliers
 from .lora import add_lora, lora_targets
 from .recadam import RecAdam, anneal_lambda
 
-__all__ = ["resolve_method", "Prepared", "prepare", "make_optimizer", "lm_loss", "save_checkpoint",
+__all__ = ["resolve_method", "uses_subnet", "Prepared", "prepare", "make_optimizer", "lm_loss", "save_checkpoint",
            "load_checkpoint", "K_ADAPTER_FILES", "AdapterBlock", "KAdapterModel", "POLICIES", "read_selection",
            "unit_multipliers", "lora_targets", "add_lora", "RecAdam", "anneal_lambda"]
 
@@ -47,7 +48,13 @@ def resolve_method(method: dict | None) -> dict:
         raise InputError("method: choose one adapter, lora or k_adapter")
     if "k_adapter" in method and method["layers"] != "all":
         raise InputError("method: k_adapter freezes the base model; use layers: all")
+    if "mask" in method and ("lora" in method or "k_adapter" in method):
+        raise InputError("method: mask trains base weights; it does not combine with lora or k_adapter")
     return method
+
+
+def uses_subnet(method: dict) -> bool:
+    return method.get("layers") == "subnet" or method.get("mask") == "subnet"
 
 
 @dataclass
@@ -57,20 +64,33 @@ class Prepared:
     trained_units: list[str]
     method: dict
     info: dict = field(default_factory=dict)
+    sparse: masking.SparseUpdate | None = None  # mask: subnet; attach() it to the optimizer
 
 
-def prepare(model: nn.Module, method: dict, selection=None, seed: int = 0) -> Prepared:
-    """Freeze, wrap and group `model`'s parameters for `method` (see the module doc)."""
+def prepare(model: nn.Module, method: dict, selection=None, seed: int = 0, subnet=None, period: int = 1) -> Prepared:
+    """Freeze, wrap and group `model`'s parameters for `method` (see the module doc);
+    `subnet` is the subnet stage's folder (methods using it), `period` picks its masks."""
     method = resolve_method(method)
     sel = read_selection(selection)
+    if uses_subnet(method) and not subnet:
+        raise InputError("method uses the knowledge-critical subnetwork: needs --subnet (the `gradloc subnet` folder)")
+    if method["layers"] == "subnet" and sel:
+        sel["density"] = masking.block_density(subnet, period)
     if isinstance(model, KAdapterModel) and "k_adapter" not in method:
         raise InputError("init checkpoint has a K-Adapter but the method has no k_adapter part")
     base = model.base if isinstance(model, KAdapterModel) else model
     units = layer_units(base, sel.get("granularity", "block"))
     mults = unit_multipliers(method["layers"], list(units), sel, seed)
     unit_of = {name: unit for unit, names in units.items() for name in names}
+    masks = masking.load_masks(subnet, period, base) if method.get("mask") == "subnet" else None
     for name, p in base.named_parameters():
-        p.requires_grad_(unit_of[name] in mults)
+        p.requires_grad_(unit_of[name] in mults and (masks is None or name in masks))
+    sparse = None
+    if masks is not None:
+        masks = {n: m for n, m in masks.items() if unit_of[n] in mults}
+        if not masks:
+            raise InputError(f"{subnet}: mask: subnet leaves nothing to train (no masked weight in a trained unit)")
+        sparse = masking.SparseUpdate(base, masks)
 
     if "lora" in method:
         model, unit_of = lora.wrap(base, method["lora"], unit_of, mults)
@@ -92,7 +112,7 @@ def prepare(model: nn.Module, method: dict, selection=None, seed: int = 0) -> Pr
         g["params"].append(p)
     trained = [u for u in mults if any(k[0] == u for k in groups)]
     return Prepared(model=model, groups=list(groups.values()), trained_units=trained, method=method,
-                    info={"granularity": sel.get("granularity", "block"), "layers": method["layers"]})
+                    info={"granularity": sel.get("granularity", "block"), "layers": method["layers"]}, sparse=sparse)
 
 
 def make_optimizer(prepared: Prepared, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -100,6 +120,9 @@ def make_optimizer(prepared: Prepared, lr: float, weight_decay: float) -> torch.
     groups = [{"params": g["params"], "name": g["name"], "lr": lr * g["lr_mult"], "lr_mult": g["lr_mult"],
                "weight_decay": weight_decay if g["decay"] else 0.0} for g in prepared.groups]
     if "recadam" in prepared.method:
-        return RecAdam(groups, lr=lr, **prepared.method["recadam"])
-    # The fused kernel (CPU and GPU), as Hugging Face's Trainer uses by default.
-    return torch.optim.AdamW(groups, lr=lr, fused=True)
+        optimizer = RecAdam(groups, lr=lr, **prepared.method["recadam"])
+    else:  # the fused kernel (CPU and GPU), as Hugging Face's Trainer uses by default
+        optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
+    if prepared.sparse is not None:
+        prepared.sparse.attach(optimizer)
+    return optimizer

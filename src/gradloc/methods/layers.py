@@ -3,7 +3,9 @@
 A policy maps (units bottom to top, selection, seed) to {trainable unit: lr multiplier};
 units it leaves out are frozen. `all` is full fine-tuning (DIFF), `tgl_fp` / `tgl_alr`
 read the selection, `random` / `first` / `last` are controls that train as many blocks
-as TGL-FP selected. Another localisation is one more entry in `POLICIES`.
+as TGL-FP selected; `subnet` trains as many, those with the highest density of the
+knowledge-critical subnetwork (methods/masking.py; its densities come in `sel["density"]`).
+Another localisation is one more entry in `POLICIES`.
 """
 
 from __future__ import annotations
@@ -44,17 +46,28 @@ def _tgl_alr(units, sel, seed):
 
 def _control(pick):
     """A control policy: as many block units as TGL-FP selected, chosen by `pick(blocks,
-    k, seed)`; TGL-FP's non-block units are kept, so only *which* blocks train differs."""
+    k, seed, sel)`; TGL-FP's non-block units are kept, so only *which* blocks train differs."""
     def policy(units, sel, seed):
         blocks = [u for u in units if is_block_unit(u)]
-        picked = set(pick(blocks, sum(is_block_unit(u) for u in sel["units"]), seed))
+        picked = set(pick(blocks, sum(is_block_unit(u) for u in sel["units"]), seed, sel))
         keep = {u for u in sel["units"] if not is_block_unit(u)}
         return {u: 1.0 for u in units if u in picked or u in keep}
     return policy
 
 
-def _random_blocks(blocks, k, seed):
+def _random_blocks(blocks, k, seed, sel):
     return [blocks[i] for i in np.random.default_rng(seed).choice(len(blocks), size=k, replace=False)]
+
+
+def _densest_blocks(blocks, k, seed, sel):
+    density = sel.get("density")
+    if density is None:
+        raise InputError("layers: subnet needs the subnet stage's masks (--subnet)")
+    if not any(b in density for b in blocks):
+        raise InputError(f"layers: subnet: the masks cover none of the units {blocks}")
+    # units the masks do not cover (norms; blocks outside subnet.blocks) count as density 0;
+    # the sort is stable, so ties go to the lower unit
+    return sorted(blocks, key=lambda b: -density.get(b, 0.0))[:k]
 
 
 POLICIES = {
@@ -62,8 +75,9 @@ POLICIES = {
     "tgl_fp": _tgl_fp,
     "tgl_alr": _tgl_alr,
     "random": _control(_random_blocks),
-    "first": _control(lambda blocks, k, seed: blocks[:k]),
-    "last": _control(lambda blocks, k, seed: blocks[len(blocks) - k:]),
+    "first": _control(lambda blocks, k, seed, sel: blocks[:k]),
+    "last": _control(lambda blocks, k, seed, sel: blocks[len(blocks) - k:]),
+    "subnet": _control(_densest_blocks),
 }
 
 
