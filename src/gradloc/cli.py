@@ -8,6 +8,7 @@ JSON (or @file.json / @file.yaml).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
@@ -124,7 +125,25 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"gradloc {args.stage}: error: {e}", file=sys.stderr)
         return 3
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        # atomic_output has removed the partial output on the way out
+        print(f"gradloc {args.stage}: error: no space left on device while writing {kwargs.get('out')}; "
+              "nothing was written, free space and rerun", file=sys.stderr)
+        return 4
     return 0
+
+
+def disk_full(e: BaseException | None) -> bool:
+    """Whether `e` (or an exception it was raised from) is a full disk: an OSError with
+    ENOSPC, or a library's own error that says so (safetensors: `StorageFull`)."""
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or any(
+                s in str(e) for s in ("No space left on device", "StorageFull")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 if __name__ == "__main__":
