@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def cluster(tmp_path_factory):
         assert stop.returncode == 0, stop.stderr
 
 
-def snakemake_slurm(cluster: str, tmp: Path, *args: str, cwd: Path = REPO, timeout: int = 1500):
+def slurm_command(cluster: str, tmp: Path, *args: str) -> tuple[list[str], dict]:
     """`snakemake --profile profiles/slurm` as a user would run it, overriding only the site
     values, plus faster status polling for short test jobs and no retries (fail fast)."""
     env = dict(os.environ, GRADLOC_SLURM_ACCOUNT=ACCOUNT,
@@ -85,6 +86,11 @@ def snakemake_slurm(cluster: str, tmp: Path, *args: str, cwd: Path = REPO, timeo
            "--slurm-logdir", str(tmp / "slurm_logs"),
            "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
            "--retries", "0", *args]
+    return cmd, env
+
+
+def snakemake_slurm(cluster: str, tmp: Path, *args: str, cwd: Path = REPO, timeout: int = 1500):
+    cmd, env = slurm_command(cluster, tmp, *args)
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     (tmp / "snakemake_slurm.log").write_text(r.stdout + r.stderr)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
@@ -170,6 +176,36 @@ def test_toy_workflow_runs_as_slurm_jobs_with_a_gpu(cluster, tmp_path):
     assert (tmp_path / "out/data.txt").read_text().split() == [by_rule["download"], cluster]
     job_id, gpus = (tmp_path / "out/train.txt").read_text().split()
     assert job_id == by_rule["train"] and re.fullmatch(r"gpus=\d+(,\d+)*", gpus), gpus
+
+
+def test_preempted_job_is_requeued_and_the_workflow_finishes(cluster, tmp_path):
+    """SLURM takes a running job away (`scontrol requeue`, what preemption and node failure
+    do: the job is killed and queued again under the same id). The profile submitted it
+    with --requeue and Snakemake retries nothing here (--retries 0), so the workflow
+    finishes only if Snakemake waits for SLURM's second attempt (which SLURM holds back
+    for about two minutes)."""
+    (tmp_path / "Snakefile").write_text(
+        'rule train:\n    output: "out/train.txt"\n    resources: gpu=1\n'
+        '    shell: "echo $SLURM_JOB_ID >> attempts.txt; '
+        'if [ $(wc -l < attempts.txt) = 1 ]; then touch running; sleep 600; fi; echo done > {output}"\n')
+    cmd, env = slurm_command(cluster, tmp_path)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "running").exists():  # the first attempt has started its work
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.5)
+        job_id = (tmp_path / "attempts.txt").read_text().split()[0]
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert (tmp_path / "attempts.txt").read_text().split() == [job_id, job_id]  # SLURM ran it twice
+    assert (tmp_path / "out/train.txt").read_text() == "done\n"
+    info = scontrol_job(job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
 
 
 def comparable_table(path: Path) -> pd.DataFrame:
