@@ -21,7 +21,7 @@ from pathlib import Path
 from .common import ROOT, median, row
 
 PIPELINE_ENV = None  # the environment before run.quiet_libraries(): the jobs get the original one
-TORCH_STAGES = {"base-model", "profile", "train", "evaluate"}  # the stages whose work is torch's
+TORCH_STAGES = {"base-model", "profile", "train", "evaluate", "attention", "subnet", "metatrain"}  # model stages
 
 # Stands in for `python` on the jobs' PATH: times the interpreter's start, the imports a
 # stage needs, and the stage's own work, then runs the stage as `python -m gradloc` would.

@@ -193,3 +193,13 @@ def test_flop_model_counts_the_matmuls_autograd_runs():
     for blocks in ([0], [3], [0, 1], [2, 3]):
         m = min(blocks)
         assert backward_matmuls(blocks) == 4 * (4 - m) + 4 * len(blocks) + 1, blocks
+
+
+def test_camels_memory_case_runs_one_outer_step():
+    """The CaMeLS memory benchmark's case: one outer step through `k` differentiable inner
+    steps of the real meta-training code (the memory figure itself is not asserted)."""
+    from benchmarks import camels_memory
+
+    r = camels_memory.case("6x128", 2, "cpu", tokens=16)
+    assert r["inner_steps"] == 2 and r["step_bytes"] >= 0
+    assert 1.4e6 < r["params"] < 1.6e6  # GPT-2 6 x 128 with a 2048-token vocabulary
