@@ -76,8 +76,9 @@ STAGES = {
 LIST_ARGS = {"evals", "trains"}
 INT_ARGS = {"period", "seed", "gpus"}
 OPTIONAL_ARGS = {"selection", "state", "gpus", "tokenizer", "attention", ("attention", "probes"), ("train", "probes"),
-                 ("train", "tagged"), ("train", "weighting_model"), ("train", "subnet"), ("report", "weighting"), ("report", "subnet"),
-                 ("evaluate", "method"), ("evaluate", "seed"), ("profile", "tagged")}  # name or (stage, name)
+                 ("train", "tagged"), ("train", "weighting_model"), ("train", "subnet"), ("report", "weighting"),
+                 ("report", "subnet"), ("evaluate", "method"), ("evaluate", "seed"),
+                 ("profile", "tagged")}  # name or (stage, name)
 
 
 def parse_params(text: str) -> dict:

@@ -15,8 +15,9 @@ engine (`engine.fit`: accelerate, get_scheduler with warm-up).
 
 Knowledge sets, per update period k in `periods`: `outdated_P{k}` = the T0 facts that
 change in period k (probes set `outdated`); and once, for the first listed period k,
-`unchanged_P{k}` = T0 facts still true after period k. Control facts are other unchanged facts, disjoint from both; the LM
-control and the held-out perplexity use disjoint samples of base (T0) text.
+`unchanged_P{k}` = T0 facts still true after period k. Control facts are other
+unchanged facts, disjoint from both; the LM control and the held-out perplexity use
+disjoint samples of base (T0) text.
 
 Outputs (docs/formats.md): `masks/<set>_seed<s>.npz` (bit-packed, `numpy.packbits`),
 `density.csv` (per layer and per module), `removal.csv` (the subnetwork removed, a

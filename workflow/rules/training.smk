@@ -30,5 +30,6 @@ rule train:
         "../../envs/train.yaml"
     shell:
         "{params.launcher} train --params {params.p:q} --init {input.init} --tokens {input.tokens}"
-        " {params.selection} {params.attention} {params.subnet} {params.weighting} --period {wildcards.period} --seed {wildcards.seed}"
+        " {params.selection} {params.attention} {params.subnet} {params.weighting}"
+        " --period {wildcards.period} --seed {wildcards.seed}"
         " --state {params.state} --gpus {resources.gpu} --out {output} > {log} 2>&1"

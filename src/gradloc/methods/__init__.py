@@ -88,7 +88,7 @@ def prepare(model: nn.Module, method: dict, selection=None, seed: int = 0, subne
     sparse = None
     if masks is not None:
         masks = {n: m for n, m in masks.items() if unit_of[n] in mults}
-        if not masks:
+        if not any(m.any() for m in masks.values()):
             raise InputError(f"{subnet}: mask: subnet leaves nothing to train (no masked weight in a trained unit)")
         sparse = masking.SparseUpdate(base, masks)
 

@@ -49,13 +49,11 @@ def load_masks(subnet, period: int, model: torch.nn.Module) -> dict[str, torch.T
     """{parameter name: bool mask of the parameter's shape}, the union over mask seeds."""
     from ..subnet import unpack
 
-    files = sorted((Path(subnet) / "masks").glob("*_seed*.npz"))
-    name = _check_set(subnet, period, [f.name.rsplit("_seed", 1)[0] for f in files])
+    folder = Path(subnet) / "masks"
+    name = _check_set(subnet, period, [f.name.rsplit("_seed", 1)[0] for f in folder.glob("*_seed*.npz")])
     params = dict(model.named_parameters())
     union: dict[str, np.ndarray] = {}
-    for f in files:
-        if f.name.rsplit("_seed", 1)[0] != name:
-            continue
+    for f in sorted(folder.glob(f"{name}_seed*.npz")):
         try:
             with np.load(f) as arrays:
                 masks = unpack(arrays)
