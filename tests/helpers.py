@@ -4,6 +4,7 @@ token files a stage reads, and the one way tests run Snakemake."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,9 @@ def make_subnet(model, out, densities: dict[int, float], period: int = 1, seeds=
                                                                            period=period, seed=seed))
     pd.concat(tables).to_csv(out / "density.csv", index=False)
     return out
+
+
+def job_counts(out: str) -> dict[str, int]:
+    """{rule: count} from a Snakemake dry run's job-stats table."""
+    table = out[out.index("Job stats:"):]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}

@@ -2,13 +2,14 @@
 
 import copy
 import json
+import re
 
 import jsonschema
 import pytest
 import yaml
 
 from gradloc import cli, schema
-from helpers import ROOT, snakemake
+from helpers import ROOT, job_counts, snakemake
 
 SCHEMA = yaml.safe_load((ROOT / "src/gradloc/config.schema.yaml").read_text())
 CONFIGS = ["config", "test", "paper"]
@@ -79,6 +80,35 @@ def test_dry_run_builds_the_dag(name, tmp_path):
     out = r.stdout + r.stderr
     for rule in ["download", "split", "tag", "probes", "base_model", "profile", "select", "train", "report"]:
         assert f"\n{rule} " in out, f"rule {rule} missing from the dry run of {name}"
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_group_seeds_plans_one_train_job_per_method_and_period(group, tmp_path):
+    """The default's 3 seeds: grouped, one train job per (method, period) runs `--seed 0 1 2`
+    with an init, a state and an out per seed; otherwise one job per seed. Evaluation is one
+    job per (method, period) either way."""
+    cfg = load("config")
+    cfg["train"]["group_seeds"] = group
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = snakemake("-n", "-p", "--configfile", str(path), "--config", f"results={tmp_path}/r")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    counts, methods, seeds = job_counts(out), len(cfg["train"]["methods"]), cfg["train"]["seeds"]
+    assert seeds == [0, 1, 2]
+    assert counts["train"] == methods * 2 * (1 if group else 3) and counts["evaluate"] == methods * 2
+    command = next(line for line in out.splitlines() if "gradloc train" in line and '"name":"full"' in line
+                   and "--period 2" in line)
+    r_ = f"{tmp_path}/r"
+    if group:
+        assert "--seed 0 1 2 " in command
+        assert f"--init {r_}/train/full/seed0/P1 {r_}/train/full/seed1/P1 {r_}/train/full/seed2/P1 " in command
+        assert f"--out {r_}/train/full/seed0/P2 {r_}/train/full/seed1/P2 {r_}/train/full/seed2/P2 " in command
+        assert f"--state {r_}/.train_state/full/seed0/P2 {r_}/.train_state/full/seed1/P2 " in command
+    else:
+        assert re.search(r"--seed \d --state \S+ --gpus 1 --out \S+ >", command), command
+    evaluate = next(line for line in out.splitlines() if "gradloc evaluate" in line and "/train/full/" in line)
+    assert f"--model {r_}/train/full/seed0/P" in evaluate and "seed2" in evaluate
 
 
 def test_typo_fails_before_any_job(tmp_path):

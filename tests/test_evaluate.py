@@ -148,6 +148,48 @@ def test_run_writes_scores_and_heldout_ppl(tmp_path):
     assert summary["unchanged"]["n"] + summary["updated"]["n"] == 8
 
 
+def test_several_checkpoints_in_one_call_equal_one_call_each(tmp_path):
+    """The workflow evaluates a method's seeds in one process: each checkpoint's outputs
+    equal those of its own call, its period, method and seed come from its metrics.json."""
+    model, tokenizer = tiny()
+    for i, period in enumerate((1, 2)):
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        save_model(model, tokenizer, tmp_path / f"c{i}" / "model")
+        (tmp_path / f"c{i}" / "metrics.json").write_text(json.dumps({"method": "full", "seed": i, "period": period}))
+    probes = make_probes(model)
+    probes["period"], probes["subject_id"], probes["subject"], probes["relation"] = [1] * 8 + [2] * 3, "s", "s", "r"
+    (tmp_path / "probes").mkdir()
+    probes.to_parquet(tmp_path / "probes" / "probes.parquet")
+    (tmp_path / "tagged").mkdir()
+    pd.DataFrame({"seq_id": ["a", "b"], "period": [1, 2], "split": "heldout", "doc_id": "x", "origin": "diff",
+                  "text": ["w1 w2 w3", "w4 w5"], "knowledge_type": "none"}).to_parquet(
+        tmp_path / "tagged" / "sequences.parquet")
+    make_tokens(tmp_path / "c0", tmp_path / "tagged", tmp_path / "tokens")
+    common = ["evaluate", "--probes", str(tmp_path / "probes"), "--tokens", str(tmp_path / "tokens")]
+    assert cli.main(common + ["--model", str(tmp_path / "c0"), str(tmp_path / "c1"),
+                              "--out", str(tmp_path / "e0"), str(tmp_path / "e1")]) == 0
+    for i in (0, 1):
+        assert cli.main(common + ["--model", str(tmp_path / f"c{i}"), "--out", str(tmp_path / f"one{i}")]) == 0
+        both = json.loads((tmp_path / f"e{i}" / "summary.json").read_text())
+        assert both == json.loads((tmp_path / f"one{i}" / "summary.json").read_text())
+        assert (both["method"], both["seed"], both["period"]) == ("full", i, i + 1)
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / f"e{i}" / "scores.parquet"),
+                                      pd.read_parquet(tmp_path / f"one{i}" / "scores.parquet"))
+    assert json.loads((tmp_path / "e0" / "summary.json").read_text())["heldout_ppl"] != \
+        json.loads((tmp_path / "e1" / "summary.json").read_text())["heldout_ppl"]
+    with pytest.raises(InputError, match=r"2 checkpoint folder\(s\) but 1 output folder\(s\)"):
+        evaluate.run({}, model=[tmp_path / "c0", tmp_path / "c1"], probes=tmp_path / "probes",
+                     tokens=tmp_path / "tokens", out=[tmp_path / "x"])
+    save_model(model, tokenizer, tmp_path / "base" / "model")  # no metrics.json: which period?
+    with pytest.raises(InputError, match="no integer 'period' in metrics.json .*give --period"):
+        evaluate.run({}, model=tmp_path / "base", probes=tmp_path / "probes", tokens=tmp_path / "tokens",
+                     out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_k_adapter_checkpoint_is_scored_with_its_adapters(tmp_path):
     from gradloc.methods import KAdapterModel, save_checkpoint
 

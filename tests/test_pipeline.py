@@ -48,10 +48,13 @@ def test_training_changed_the_model_and_full_learned_the_diff(test_run):
 
 
 def test_logs_show_the_command_to_rerun_by_hand(test_run):
-    log = (test_run / "logs/train/tgl_fp/seed0/P2.log").read_text()
+    log = (test_run / "logs/train/tgl_fp/P2.log").read_text()  # group_seeds: one log per method and period
     first = next(line for line in log.splitlines() if line.startswith("command: "))
     assert first.startswith("command: gradloc train --params ")
-    assert "--init" in first and "/train/tgl_fp/seed0/P1" in first
+    assert "--init" in first and "/train/tgl_fp/seed0/P1" in first and "--seed 0 " in first
+    log = (test_run / "logs/eval/tgl_fp/P2.log").read_text()
+    first = next(line for line in log.splitlines() if line.startswith("command: "))
+    assert first.startswith("command: gradloc evaluate --params ") and "/train/tgl_fp/seed0/P2" in first
 
 
 def test_nothing_left_to_do_and_html_report(test_run, tmp_path):

@@ -253,6 +253,33 @@ def test_cli_trains_and_writes_the_documented_outputs(world, tmp_path):
     assert rc == 2, "tgl_fp without --selection is an input error"
 
 
+def test_several_seeds_in_one_process_equal_one_process_per_seed(world, tmp_path):
+    """train.group_seeds: `--seed 0 1 --out A B` trains each seed in turn; the weights are
+    bit-identical to separate runs (dropout on, so the seed matters), and the seeds differ."""
+    params = json.dumps({"name": "m", "common": {**COMMON, "epochs": 2}, "method": {"replay": {"ratio": 1.0}}})
+    common = ["train", "--params", params, "--init", str(world / "base_model"), "--tokens", str(world / "tokens"),
+              "--period", "1"]
+    assert cli.main(common + ["--seed", "0", "1", "--out", str(tmp_path / "g0"), str(tmp_path / "g1"),
+                              "--state", str(tmp_path / "s0"), str(tmp_path / "s1")]) == 0
+    for seed in (0, 1):
+        assert cli.main(common + ["--seed", str(seed), "--out", str(tmp_path / f"one{seed}")]) == 0
+        grouped, alone = weights(tmp_path / f"g{seed}"), weights(tmp_path / f"one{seed}")
+        assert all(torch.equal(grouped[k], alone[k]) for k in alone)
+        assert json.loads((tmp_path / f"g{seed}" / "metrics.json").read_text())["seed"] == seed
+    assert not torch.equal(weights(tmp_path / "g0")["transformer.h.0.mlp.c_fc.weight"],
+                           weights(tmp_path / "g1")["transformer.h.0.mlp.c_fc.weight"])
+    assert not (tmp_path / "s0").exists() and not (tmp_path / "s1").exists(), "spent states are removed"
+
+
+def test_several_seeds_need_one_output_each(world, tmp_path, capsys):
+    params = json.dumps({"name": "m", "common": COMMON, "method": {}})
+    rc = cli.main(["train", "--params", params, "--init", str(world / "base_model"), "--tokens", str(world / "tokens"),
+                   "--period", "1", "--seed", "0", "1", "--out", str(tmp_path / "a")])
+    assert rc == 2
+    assert "train: 2 seed(s) but 1 --out folder(s); give one per seed" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
 def test_schedule_warmup_then_linear_or_cosine_decay():
     def lrs(name, total, warmup, steps, processes=1):
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)

@@ -45,24 +45,28 @@ STAGES = {
     "subnet": ("gradloc.subnet", [("model", "base model folder"), ("probes", "probes folder"),
                                   ("tokens", "tokens folder"), ("out", "output folder")]),
     "select": ("gradloc.select", [("profile", "profile folder"), ("out", "selection JSON file")]),
-    "train": ("gradloc.train", [("init", "checkpoint to start from (base model or previous period)"),
+    "train": ("gradloc.train", [("init", "checkpoint(s) to start from (base model or previous period): one "
+                                         "for all seeds or one per seed"),
                                 ("tokens", "tokens folder"), ("selection", "selection JSON file"),
                                 ("attention", "attention folder of this period (augment methods)"),
-                                ("period", "update period index (1..n)"), ("seed", "random seed"),
-                                ("state", "folder for resumable training state"),
+                                ("period", "update period index (1..n)"),
+                                ("seed", "random seed(s): several train one after another"),
+                                ("state", "folder(s) for resumable training state, one per seed"),
                                 ("gpus", "GPUs the job asked for (0: any device); fail if fewer are visible"),
                                 ("tagged", "tagged folder (token_weighting: entity mentions)"),
                                 ("probes", "probes folder (token_weighting: probe objects)"),
                                 ("weighting_model", "weighting model folder (token_weighting camels)"),
                                 ("subnet", "subnet folder (layers: subnet, mask: subnet)"),
-                                ("out", "output folder")]),
+                                ("out", "output folder(s), one per seed")]),
     "metatrain": ("gradloc.metatrain", [("base", "base model folder"),
                                         ("backbone", "small model with the base model's tokenizer"),
                                         ("tokens", "tokens folder"), ("tagged", "tagged folder"),
                                         ("probes", "probes folder"), ("out", "output folder")]),
-    "evaluate": ("gradloc.evaluate", [("model", "checkpoint folder"), ("probes", "probes folder"),
-                                      ("tokens", "tokens folder"), ("period", "update period index"),
-                                      ("out", "output folder"),
+    "evaluate": ("gradloc.evaluate", [("model", "checkpoint folder(s)"), ("probes", "probes folder"),
+                                      ("tokens", "tokens folder"),
+                                      ("period", "update period index (default: each checkpoint's "
+                                                 "metrics.json; needed for the base model)"),
+                                      ("out", "output folder(s), one per --model"),
                                       ("method", "method name written into summary.json (default: the "
                                                   "checkpoint's metrics.json, else base)"),
                                       ("seed", "training seed written into summary.json (default: the "
@@ -74,10 +78,13 @@ STAGES = {
                                   ("weighting", "weighting model folder (CaMeLS meta-training; optional)")]),
 }
 LIST_ARGS = {"evals", "trains"}
+# one or more, paired in order: several checkpoints evaluated, or seeds trained, in one process
+SEVERAL_ARGS = {("evaluate", "model"), ("evaluate", "out"), ("train", "seed"), ("train", "init"), ("train", "state"),
+                ("train", "out")}
 INT_ARGS = {"period", "seed", "gpus"}
 OPTIONAL_ARGS = {"selection", "state", "gpus", "tokenizer", "attention", ("attention", "probes"), ("train", "probes"),
                  ("train", "tagged"), ("train", "weighting_model"), ("train", "subnet"), ("report", "weighting"),
-                 ("report", "subnet"), ("evaluate", "method"), ("evaluate", "seed"),
+                 ("report", "subnet"), ("evaluate", "method"), ("evaluate", "seed"), ("evaluate", "period"),
                  ("profile", "tagged")}  # name or (stage, name)
 
 
@@ -101,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         for name, help_ in args:
             kw = {"nargs": "*", "default": []} if name in LIST_ARGS else {
                 "required": name not in OPTIONAL_ARGS and (stage, name) not in OPTIONAL_ARGS}
+            if (stage, name) in SEVERAL_ARGS:
+                kw["nargs"] = "+"
             if name in INT_ARGS:
                 kw["type"] = int
             p.add_argument(f"--{name.replace('_', '-')}", dest=name, help=help_, **kw)
@@ -130,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         if not disk_full(e):
             raise
         # atomic_output has removed the partial output on the way out
-        print(f"gradloc {args.stage}: error: no space left on device while writing {kwargs.get('out')}; "
+        out = kwargs.get("out")
+        out = " ".join(map(str, out)) if isinstance(out, list) else out
+        print(f"gradloc {args.stage}: error: no space left on device while writing {out}; "
               "nothing was written, free space and rerun", file=sys.stderr)
         return 4
     return 0

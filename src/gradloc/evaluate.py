@@ -1,4 +1,4 @@
-"""Evaluation of one checkpoint on one period: probe scores and held-out perplexity.
+"""Evaluation of checkpoints on their period: probe scores and held-out perplexity.
 
 Inputs: a checkpoint folder (`<dir>/model` if present, else `<dir>` itself: a merged
 model for LoRA, so a plain load works; a K-Adapter checkpoint is loaded with its
@@ -82,16 +82,43 @@ def evaluate_model(model, tokenizer, probes: pd.DataFrame, heldout: list[list[in
     return scores, summary
 
 
-def run(params: dict, model, probes, tokens, period, out, method: str | None = None,
+def run(params: dict, model, probes, tokens, out, period=None, method: str | None = None,
         seed: int | None = None) -> None:
-    """`method`/`seed` name the checkpoint in summary.json; when not given they come from
-    the checkpoint folder's metrics.json (see `identity`)."""
+    """Evaluate each checkpoint of `model` (one folder or a list) into the matching folder
+    of `out`. One process for several checkpoints pays the torch/transformers imports
+    once (the workflow evaluates a method's seeds and periods in one job). `period`
+    defaults to each checkpoint's metrics.json (train writes it); `method`/`seed` name
+    the checkpoint in summary.json and default to the same file (see `identity`)."""
     params = with_defaults(params)
-    period = int(period)
+    models = [model] if isinstance(model, (str, Path)) else list(model)
+    outs = [out] if isinstance(out, (str, Path)) else list(out)
+    if len(models) != len(outs):
+        raise InputError(f"evaluate: {len(models)} checkpoint folder(s) but {len(outs)} output folder(s); "
+                         "give one --out per --model, in the same order")
+    if len(models) > 1 and (method is not None or seed is not None):
+        raise InputError("evaluate: --method/--seed name one checkpoint; with several, each checkpoint's "
+                         "metrics.json names it")
+    for m, o in zip(models, outs):
+        if not Path(checkpoint_dir(m)).exists():
+            raise InputError(f"{checkpoint_dir(m)}: checkpoint folder not found")
+        evaluate_checkpoint(params, m, probes, tokens, checkpoint_period(m) if period is None else int(period),
+                            o, *identity(m, method, seed))
+
+
+def checkpoint_period(folder) -> int:
+    """The period a training folder was trained on (its metrics.json); the base model
+    has none, so evaluating it needs --period."""
+    path = Path(folder) / "metrics.json"
+    metrics = read_json(path) if path.exists() else {}
+    period = metrics.get("period") if isinstance(metrics, dict) else None
+    if isinstance(period, bool) or not isinstance(period, int):
+        raise InputError(f"{folder}: no integer 'period' in metrics.json (a base model?); give --period")
+    return period
+
+
+def evaluate_checkpoint(params: dict, model, probes, tokens, period: int, out, method: str,
+                        seed: int | None) -> None:
     ckpt = checkpoint_dir(model)
-    if not Path(ckpt).exists():
-        raise InputError(f"{ckpt}: checkpoint folder not found")
-    method, seed = identity(model, method, seed)
     lm, tokenizer = load_checkpoint(ckpt)
     lm.to(device()).eval()
     probe_df = period_probes(probes, period, params["max_probes_per_set"])

@@ -37,9 +37,10 @@ def settings(params: dict) -> dict:
     unknown = set(params) - {"name", "common", "method"}
     if unknown:
         raise InputError(f"train params: unknown top-level key(s) {sorted(unknown)}; expected name, common, method")
-    common = {k: v for k, v in (params.get("common") or {}).items() if k not in ("methods", "seeds")}
+    common = {k: v for k, v in (params.get("common") or {}).items() if k not in ("methods", "seeds", "group_seeds")}
     cfg = schema.fill("train", common, where="train", ignore_required=True)
     cfg.pop("seeds", None)
+    cfg.pop("group_seeds", None)
     method = methods.resolve_method(params.get("method"))
     cfg.update({k: method[k] for k in ("lr", "epochs") if k in method})
     return {**cfg, "name": params.get("name", "method"), "method": method}
@@ -114,7 +115,33 @@ def period_docs(tokens, period: int) -> tuple[list[np.ndarray], list[np.ndarray]
 # --- the stage ------------------------------------------------------------------------------
 
 def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None, out="train", gpus=0,
-        attention=None, tagged=None, probes=None, weighting_model=None, subnet=None) -> dict:
+        attention=None, tagged=None, probes=None, weighting_model=None, subnet=None):
+    """Train one method on one period: from `init` into `out` (metrics returned). With a
+    list of seeds, one training per seed in turn, in this process (the workflow's
+    `train.group_seeds`: a small model's job is half torch/transformers imports); `init`
+    (one for all, or one per seed), `state` and `out` are then lists in seed order."""
+    if not isinstance(seed, (list, tuple)):
+        return train_one(params, init, tokens, selection, period, seed, state, out, gpus, attention, tagged, probes,
+                         weighting_model, subnet)
+    n = len(seed)
+    inits, outs = as_list(init), as_list(out)
+    states = as_list(state) if state else [None] * n
+    if len(inits) == 1:
+        inits = inits * n
+    for name, values in (("--init", inits), ("--out", outs), ("--state", states)):
+        if len(values) != n:
+            raise InputError(f"train: {n} seed(s) but {len(values)} {name} folder(s); give one per seed "
+                             "(--init may also be one for all)")
+    return [train_one(params, i, tokens, selection, period, s, st, o, gpus, attention, tagged, probes,
+                      weighting_model, subnet) for s, i, st, o in zip(seed, inits, states, outs)]
+
+
+def as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def train_one(params: dict, init, tokens, selection, period, seed, state, out, gpus, attention, tagged, probes,
+              weighting_model, subnet) -> dict:
     from accelerate.utils import set_seed
 
     cfg = settings(params)

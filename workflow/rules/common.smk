@@ -57,7 +57,7 @@ def cfg(*keys):
 
 def train_params(method):
     """Train-wide settings plus one method's entry: editing a method reruns only it."""
-    common = {k: v for k, v in config["train"].items() if k not in ("methods", "seeds")}
+    common = {k: v for k, v in config["train"].items() if k not in ("methods", "seeds", "group_seeds")}
     return json.dumps({"name": method, "common": common, "method": config["train"]["methods"][method]},
                       sort_keys=True, separators=(",", ":"))
 
@@ -148,11 +148,34 @@ def small_model_params():
     return json.dumps(out, sort_keys=True, separators=(",", ":"))
 
 
+# train.group_seeds: one train job per (method, period) trains every seed in turn;
+# otherwise one job per (method, seed, period). Same outputs, same numbers.
+GROUP_SEEDS = config["train"].get("group_seeds", False)
+
+
+def train_pattern(folder):
+    """A train job's per-seed paths under `folder` (train, logs/train, .train_state, ...):
+    a pattern with the {seed} wildcard, or one path per seed when seeds are grouped."""
+    if not GROUP_SEEDS:
+        return [f"{R}/{folder}/{{method}}/seed{{seed}}/P{{period}}"]
+    return [f"{R}/{folder}/{{method}}/seed{s}/P{{period}}" for s in SEEDS]
+
+
+def train_job_path(folder, suffix):
+    """One path per train job (its log, its benchmark)."""
+    seed = "" if GROUP_SEEDS else "seed{seed}/"
+    return f"{R}/{folder}/{{method}}/{seed}P{{period}}{suffix}"
+
+
+def job_seeds(w):
+    return SEEDS if GROUP_SEEDS else [int(w.seed)]
+
+
 def previous_checkpoint(w):
     p = int(w.period)
     if p == 1:
         return f"{R}/base_model"
-    return f"{R}/train/{w.method}/seed{w.seed}/P{p - 1}"
+    return [f"{R}/train/{w.method}/seed{s}/P{p - 1}" for s in job_seeds(w)]
 
 
 def selection_input(w):
@@ -164,6 +187,12 @@ def report_evals(w):
     return [f"{R}/eval/base/P{p}" for p in ps] + [
         f"{R}/eval/{m}/seed{s}/P{p}" for m in METHODS for s in SEEDS for p in ps
     ]
+
+
+def method_checkpoints(w):
+    """A method's training folders of one period, seed by seed (the order of the evaluate
+    rule's outputs)."""
+    return [f"{R}/train/{w.method}/seed{s}/P{w.period}" for s in SEEDS]
 
 
 def report_trains(w):

@@ -1,22 +1,23 @@
+# One job per method and period evaluates the checkpoints of every seed: a process pays
+# ~4 s of torch/transformers imports, three times what a small model's evaluation costs.
 rule evaluate:
     input:
-        model=f"{R}/train/{{method}}/seed{{seed}}/P{{period}}",
+        models=method_checkpoints,
         probes=rules.probes.output[0],
         tokens=rules.tokens.output[0],
     output:
-        directory(f"{R}/eval/{{method}}/seed{{seed}}/P{{period}}"),
+        [directory(f"{R}/eval/{{method}}/seed{s}/P{{period}}") for s in SEEDS],
     params:
         p=cfg("evaluate"),
     log:
-        f"{R}/logs/eval/{{method}}/seed{{seed}}/P{{period}}.log",
+        f"{R}/logs/eval/{{method}}/P{{period}}.log",
     # One thread per job: small models scale badly past one core, two jobs in parallel do not.
     threads: 1
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m gradloc evaluate --params {params.p:q} --model {input.model} --probes {input.probes}"
-        " --tokens {input.tokens} --period {wildcards.period} --method {wildcards.method}"
-        " --seed {wildcards.seed} --out {output} > {log} 2>&1"
+        "python -m gradloc evaluate --params {params.p:q} --model {input.models} --probes {input.probes}"
+        " --tokens {input.tokens} --period {wildcards.period} --out {output} > {log} 2>&1"
 
 
 rule evaluate_base:

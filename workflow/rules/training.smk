@@ -6,8 +6,9 @@ rule train:
         selection=selection_input,
         attention=attention_input,
         subnet=subnet_input,
+    # One job per (method, seed, period), or per (method, period) with train.group_seeds.
     output:
-        directory(f"{R}/train/{{method}}/seed{{seed}}/P{{period}}"),
+        [directory(p) for p in train_pattern("train")],
     params:
         p=lambda w: train_params(w.method),
         selection=lambda w, input: f"--selection {input.selection[0]}" if input.selection else "",
@@ -15,13 +16,14 @@ rule train:
         subnet=lambda w, input: f"--subnet {input.subnet[0]}" if input.subnet else "",
         weighting=weighting_args,
         # Resumable state lives outside the output, which Snakemake deletes after a failure.
-        state=f"{R}/.train_state/{{method}}/seed{{seed}}/P{{period}}",
+        state=lambda w: [p.format(**dict(w.items())) for p in train_pattern(".train_state")],
+        seeds=lambda w: " ".join(map(str, job_seeds(w))),
         # `gpu: N` (e.g. --set-resources train:gpu=4) trains data-parallel on N GPUs.
         launcher=lambda w, resources: launcher(resources.gpu),
     log:
-        f"{R}/logs/train/{{method}}/seed{{seed}}/P{{period}}.log",
+        train_job_path("logs/train", ".log"),
     benchmark:
-        f"{R}/benchmarks/train/{{method}}/seed{{seed}}/P{{period}}.tsv"
+        train_job_path("benchmarks/train", ".tsv")
     # One thread per job: small models scale badly past one core, two jobs in parallel do not.
     threads: 1
     resources:
@@ -31,5 +33,5 @@ rule train:
     shell:
         "{params.launcher} train --params {params.p:q} --init {input.init} --tokens {input.tokens}"
         " {params.selection} {params.attention} {params.subnet} {params.weighting}"
-        " --period {wildcards.period} --seed {wildcards.seed}"
+        " --period {wildcards.period} --seed {params.seeds}"
         " --state {params.state} --gpus {resources.gpu} --out {output} > {log} 2>&1"
