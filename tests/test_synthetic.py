@@ -215,6 +215,33 @@ def test_probe_worded_share_picks_half_of_each_snapshots_entities_and_changes_no
     assert worded_ids(synthetic.generate({**SMALL, "probe_worded_share": 1.0})["documents"]) == set(ent["entity_id"])
 
 
+def test_more_paraphrases_of_changes_leave_t0_alone(world):
+    """The 'more paraphrases' lever of issue 11: entities born after T0 get
+    new_docs_per_entity variants, and each article restates its latest changed facts
+    change_restatements more times; T0 is byte-identical, so the base model still fits."""
+    more = synthetic.generate({**SMALL, "new_docs_per_entity": 4, "change_restatements": 2})
+    docs, more_docs = world["documents"], more["documents"]
+    assert more_docs[more_docs["snapshot"] == 0].reset_index(drop=True).equals(
+        docs[docs["snapshot"] == 0].reset_index(drop=True))
+    first_seen = more["triples"].groupby("subject_id")["snapshot"].min()
+    arts = more_docs[(more_docs["snapshot"] == 2) & ~more_docs["doc_id"].str.endswith("_facts")]
+    n_docs = arts["doc_id"].str.rsplit("_", n=1).str[0].value_counts()
+    later = (first_seen[n_docs.index] > 0).values
+    assert set(n_docs[later]) == {4} and set(n_docs[~later]) == {2}
+    # Each article of an entity changed in period 1 names its new object twice more than
+    # without restatements (the same world otherwise: same facts, same changes).
+    plain = synthetic.generate({**SMALL, "new_docs_per_entity": 4})
+    assert plain["triples"].equals(more["triples"])
+    t0, t1 = facts_by_subject(more["triples"], 0), facts_by_subject(more["triples"], 1)
+    changed = [e for e in sorted(t0) if t0[e] != t1[e]]
+    assert changed
+    for eid in changed:
+        obj = sorted(o for _, o in t1[eid] - t0[eid])[0]
+        for j in range(2):
+            plain_text = articles(plain["documents"], 1)[f"{eid}_{j}"]
+            assert articles(more_docs, 1)[f"{eid}_{j}"].count(obj) == plain_text.count(obj) + 2
+
+
 def test_every_kind_has_its_relations_and_tables_have_the_documented_columns(world):
     assert list(world["documents"].columns) == ["doc_id", "snapshot", "title", "text", "kind"]
     assert list(world["triples"].columns) == ["snapshot", "subject_id", "subject", "relation", "object", "object_id"]

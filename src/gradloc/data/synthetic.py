@@ -2,8 +2,10 @@
 products and sports teams whose facts change over snapshots T0..Tn.
 
 Each snapshot renders one Wikipedia-like article per entity (in `docs_per_entity`
-paraphrased variants). Between snapshots a share of the known entities gets one or two
-facts changed and new entities appear, so every later stage has exact ground truth:
+paraphrased variants; `new_docs_per_entity` for entities born after T0). Between
+snapshots a share of the known entities gets one or two facts changed and new entities
+appear (`change_restatements` restates each change in more templates), so every later
+stage has exact ground truth:
 `triples` says which facts hold when, `mentions` says where each entity is named.
 
 Rules that keep that ground truth exact:
@@ -351,14 +353,15 @@ class World:
         for relation in SCHEMA[e.kind]:
             if relation not in e.facts:
                 e.facts[relation] = self.value(relation, BASE_YEAR + snapshot, fresh=snapshot > 0)
-        self.set_style(e)
+        later = snapshot > 0 and self.p["new_docs_per_entity"]
+        self.set_style(e, later or self.p["docs_per_entity"])
 
-    def set_style(self, e: Entity) -> None:
+    def set_style(self, e: Entity, n_variants: int) -> None:
         """Fix, once, how each variant of the article words each fact: variant 0 follows
         the lead order, the others shuffle it; each variant starts with the full name."""
         rels = SCHEMA[e.kind]
         base = {r: self.rng.randrange(len(DOC_TEMPLATES[r])) for r in rels}
-        for j in range(self.p["docs_per_entity"]):
+        for j in range(n_variants):
             order = list(rels)
             if j:
                 self.rng.shuffle(order)
@@ -411,13 +414,20 @@ def _join(pieces: list[tuple[str, list]], sep: str) -> tuple[str, list[tuple[str
     return text, spans
 
 
-def render(e: Entity, variant: int) -> tuple[str, list[tuple[str, int, int]]]:
-    """One variant of the entity's article: one sentence per fact, then its history."""
+def render(e: Entity, variant: int, restatements: int = 0) -> tuple[str, list[tuple[str, int, int]]]:
+    """One variant of the entity's article: one sentence per fact, then its history; the
+    facts changed last are restated `restatements` more times, in the next templates."""
     sentences = []
     for relation, t, alias in e.style[variant]:
         sentences.append((DOC_TEMPLATES[relation][t], relation, alias, None))
+    last = max((h[0] for h in e.history), default=None)
     for snapshot, relation, obj, oid in e.history:
         sentences.append((HISTORY_TEMPLATES[relation], relation, False, (BASE_YEAR + snapshot, obj, oid)))
+        if snapshot == last:
+            t = next(t for r, t, _ in e.style[variant] if r == relation)
+            n = len(DOC_TEMPLATES[relation])
+            sentences += [(DOC_TEMPLATES[relation][(t + x) % n], relation, False, (BASE_YEAR + snapshot, obj, oid))
+                          for x in range(1, restatements + 1)]
     pieces = []
     for template, relation, alias, hist in sentences:
         obj, oid = e.facts[relation] if hist is None else hist[1:]
@@ -504,8 +514,8 @@ def generate(params: dict | None = None) -> dict[str, pd.DataFrame]:
             for relation in SCHEMA[e.kind]:
                 obj, oid = e.facts[relation]
                 triples.append((k, e.id, e.name, relation, obj, oid))
-            for j in range(p["docs_per_entity"]):
-                add_doc(f"{e.id}_{j}", k, e, render(e, j))
+            for j in range(len(e.style)):
+                add_doc(f"{e.id}_{j}", k, e, render(e, j, p["change_restatements"]))
         # Infoboxes after all articles: a training window rarely holds an entity's
         # article and its infobox together, so answering has to come from memory.
         for e in world.entities:
