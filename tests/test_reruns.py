@@ -194,6 +194,14 @@ def test_report_setting_reruns_only_the_report(completed):
     assert jobs == REPORT
 
 
+def test_grouping_seeds_or_not_reruns_nothing(completed):
+    """train.group_seeds changes how jobs are cut, not what they compute: the folders and
+    the training params are the same, so switching it reruns no job."""
+    _, _, cfg = completed
+    assert cfg["train"]["group_seeds"] is True
+    assert dry_run_with(completed, {"train": {"group_seeds": False}}) == set()
+
+
 @pytest.mark.parametrize("change", [{"control": "base", "loss": "sequence"}, {"control": "unchanged_diff"}])
 def test_profile_control_and_loss_rerun_profile_selection_and_its_methods(completed, change):
     """The pre-issue-11 profile (`control: base`, whole-sequence loss) stays reachable; like

@@ -353,7 +353,7 @@ class World:
         for relation in SCHEMA[e.kind]:
             if relation not in e.facts:
                 e.facts[relation] = self.value(relation, BASE_YEAR + snapshot, fresh=snapshot > 0)
-        later = snapshot > 0 and self.p["new_docs_per_entity"]
+        later = snapshot > 0 and self.p.get("new_docs_per_entity")
         self.set_style(e, later or self.p["docs_per_entity"])
 
     def set_style(self, e: Entity, n_variants: int) -> None:
@@ -515,7 +515,7 @@ def generate(params: dict | None = None) -> dict[str, pd.DataFrame]:
                 obj, oid = e.facts[relation]
                 triples.append((k, e.id, e.name, relation, obj, oid))
             for j in range(len(e.style)):
-                add_doc(f"{e.id}_{j}", k, e, render(e, j, p["change_restatements"]))
+                add_doc(f"{e.id}_{j}", k, e, render(e, j, p.get("change_restatements", 0)))
         # Infoboxes after all articles: a training window rarely holds an entity's
         # article and its infobox together, so answering has to come from memory.
         for e in world.entities:
