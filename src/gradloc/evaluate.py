@@ -86,7 +86,7 @@ def run(params: dict, model, probes, tokens, out, period=None, method: str | Non
         seed: int | None = None) -> None:
     """Evaluate each checkpoint of `model` (one folder or a list) into the matching folder
     of `out`. One process for several checkpoints pays the torch/transformers imports
-    once (the workflow evaluates a method's seeds and periods in one job). `period`
+    once (the workflow evaluates the seeds of a method and period in one job). `period`
     defaults to each checkpoint's metrics.json (train writes it); `method`/`seed` name
     the checkpoint in summary.json and default to the same file (see `identity`)."""
     params = with_defaults(params)
