@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from . import schema
-from .io import InputError, NonFiniteError, atomic_output, read_json, read_table, write_json, write_parquet
+from .io import InputError, NonFiniteError, as_list, atomic_output, read_json, read_table, write_json, write_parquet
 from .methods import load_checkpoint
 from .models import checkpoint_dir, device
 from .scoring import PROBE_COLUMNS, fmt_ppl, ids_logprob, perplexity, score_probes, summarize
@@ -90,8 +90,7 @@ def run(params: dict, model, probes, tokens, out, period=None, method: str | Non
     defaults to each checkpoint's metrics.json (train writes it); `method`/`seed` name
     the checkpoint in summary.json and default to the same file (see `identity`)."""
     params = with_defaults(params)
-    models = [model] if isinstance(model, (str, Path)) else list(model)
-    outs = [out] if isinstance(out, (str, Path)) else list(out)
+    models, outs = as_list(model), as_list(out)
     if len(models) != len(outs):
         raise InputError(f"evaluate: {len(models)} checkpoint folder(s) but {len(outs)} output folder(s); "
                          "give one --out per --model, in the same order")

@@ -60,6 +60,11 @@ def nonfinite_keys(obj, prefix: str = "") -> list[str]:
     return []
 
 
+def as_list(x) -> list:
+    """A command-line argument that takes one or several values, as a list."""
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
 def write_json(obj, path: str | os.PathLike) -> None:
     """Strict JSON: a non-finite number is an error naming the file and key (write null
     for "nothing measured")."""

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import engine, methods, schema
-from .io import InputError, atomic_output, write_json
+from .io import InputError, as_list, atomic_output, write_json
 from .methods import augment, replay
 from .models import max_positions
 from .tokens import load as load_tokens
@@ -134,10 +134,6 @@ def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None
                              "(--init may also be one for all)")
     return [train_one(params, i, tokens, selection, period, s, st, o, gpus, attention, tagged, probes,
                       weighting_model, subnet) for s, i, st, o in zip(seed, inits, states, outs)]
-
-
-def as_list(x) -> list:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def train_one(params: dict, init, tokens, selection, period, seed, state, out, gpus, attention, tagged, probes,

@@ -171,11 +171,15 @@ def job_seeds(w):
     return SEEDS if GROUP_SEEDS else [int(w.seed)]
 
 
+def train_dir(method, seed, period):
+    return f"{R}/train/{method}/seed{seed}/P{period}"
+
+
 def previous_checkpoint(w):
     p = int(w.period)
     if p == 1:
         return f"{R}/base_model"
-    return [f"{R}/train/{w.method}/seed{s}/P{p - 1}" for s in job_seeds(w)]
+    return [train_dir(w.method, s, p - 1) for s in job_seeds(w)]
 
 
 def selection_input(w):
@@ -192,11 +196,11 @@ def report_evals(w):
 def method_checkpoints(w):
     """A method's training folders of one period, seed by seed (the order of the evaluate
     rule's outputs)."""
-    return [f"{R}/train/{w.method}/seed{s}/P{w.period}" for s in SEEDS]
+    return [train_dir(w.method, s, w.period) for s in SEEDS]
 
 
 def report_trains(w):
-    return [f"{R}/train/{m}/seed{s}/P{p}" for m in METHODS for s in SEEDS for p in periods()]
+    return [train_dir(m, s, p) for m in METHODS for s in SEEDS for p in periods()]
 
 
 check_subnet_periods()
