@@ -134,7 +134,7 @@ def test_run_writes_scores_and_heldout_ppl(tmp_path):
     scores = pd.read_parquet(tmp_path / "eval" / "scores.parquet")
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert sorted(scores["probe_id"]) == sorted(f"p{i}" for i in range(8))
-    assert set(summary) == {"method", "seed", "period", "unchanged", "updated", "heldout_ppl"}
+    assert set(summary) == {"method", "seed", "period", "unchanged", "updated", "heldout_ppl", "facts"}
     # no metrics.json in the checkpoint folder and nothing given: the base model
     assert (summary["method"], summary["seed"], summary["period"]) == ("base", None, 1)
     # held-out perplexity by hand: period 1, split heldout -> texts a and b
@@ -241,6 +241,7 @@ def test_cli_method_and_seed_are_optional():
 
 
 def test_params_are_checked_against_the_schema():
-    assert evaluate.with_defaults({}) == {"batch_size": 32, "heldout_max_sequences": 200, "max_probes_per_set": None}
+    assert evaluate.with_defaults({}) == {"batch_size": 32, "heldout_max_sequences": 200, "max_probes_per_set": None,
+                                          "candidates": 10, "candidate_seed": 0}
     with pytest.raises(InputError, match="evaluate params.*batch_sise"):
         evaluate.with_defaults({"batch_sise": 4})

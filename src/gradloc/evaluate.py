@@ -13,14 +13,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
-from . import schema
+from . import factlevel, schema
 from .io import InputError, NonFiniteError, as_list, atomic_output, read_json, read_table, write_json, write_parquet
 from .methods import load_checkpoint
 from .models import checkpoint_dir, device
-from .scoring import PROBE_COLUMNS, fmt_ppl, ids_logprob, perplexity, score_probes, summarize
+from .scoring import PROBE_COLUMNS, fmt_ppl, ids_logprob, perplexity, score_pairs, score_probes, summarize
 from .tokens import load as load_tokens
 
 log = logging.getLogger(__name__)
@@ -53,14 +54,58 @@ def identity(ckpt_folder, method: str | None, seed: int | None) -> tuple[str, in
     return method, seed
 
 
-def period_probes(probes_dir, period: int, max_per_set: int | None = None) -> pd.DataFrame:
+FACT_COLUMNS = ["subject_id", "relation"]  # needed by the fact-level metrics
+
+
+def all_probes(probes_dir) -> pd.DataFrame:
+    """probes.parquet with the columns the fact-level metrics use filled in where an older
+    or hand-made file lacks them: `paraphrase` empty, `subject_status` unknown,
+    `constant_object` computed (`factlevel.constant_objects`)."""
     path = Path(probes_dir) / "probes.parquet"
-    df = read_table(path, ["period", *PROBE_COLUMNS])
-    df = df[df["period"] == int(period)]
+    df = read_table(path, ["period", *PROBE_COLUMNS, *FACT_COLUMNS])
+    df = df.astype({"subject_id": str, "relation": str, "object": str})
+    if "paraphrase" not in df:
+        df["paraphrase"] = ""
+    if "subject_status" not in df:
+        df["subject_status"] = "unknown"
+    if "constant_object" not in df:
+        df["constant_object"] = factlevel.constant_objects(df)
+    return df.assign(paraphrase=df["paraphrase"].fillna("").astype(str), constant_object=df["constant_object"].astype(bool))
+
+
+def period_probes(probes: pd.DataFrame, period: int, max_per_set: int | None = None) -> pd.DataFrame:
+    df = probes[probes["period"] == int(period)]
     if max_per_set:
         # the first n per set in probe_id order: the same probes for every checkpoint
         df = df.sort_values("probe_id").groupby("set", sort=False).head(max_per_set)
     return df.reset_index(drop=True)
+
+
+def fact_level(model, tokenizer, probes: pd.DataFrame, pool: pd.DataFrame, period: int, k: int, seed: int,
+               batch_size: int) -> pd.DataFrame:
+    """`factlevel.per_probe` rows of the period's probes: candidates drawn from every
+    probe in `pool` (seeded, the same for every checkpoint), specificity against other
+    subjects' prefixes, efficacy under the paraphrase where there is one."""
+    cands = factlevel.candidates(pool, period, k, seed)
+    cands = cands[cands["probe_id"].isin(set(probes["probe_id"]))].reset_index(drop=True)
+    prefix = dict(zip(probes["probe_id"], probes["prefix"]))
+    obj = dict(zip(probes["probe_id"], probes["object"]))
+    spec = factlevel.other_prefixes(probes, k, seed)
+    para = probes[(probes["set"] == "updated") & (probes["paraphrase"] != "")]
+    para_c = cands[cands["probe_id"].isin(set(para["probe_id"])) & cands["kind"].isin(["gold", "pair"])]
+    para_prefix = dict(zip(para["probe_id"], para["paraphrase"]))
+    prefixes = ([prefix[p] for p in cands["probe_id"]] + spec["prefix"].tolist()
+                + [para_prefix[p] for p in para_c["probe_id"]])
+    objects = cands["candidate"].tolist() + [obj[p] for p in spec["probe_id"]] + para_c["candidate"].tolist()
+    lp, n = score_pairs(model, tokenizer, prefixes, objects, batch_size, desc="fact-level")
+    a, b = len(cands), len(cands) + len(spec)
+    margins = {}
+    if len(para_c):
+        pc = para_c.assign(norm=lp[b:] / np.clip(n[b:], 1, None))
+        for pid, g in pc.groupby("probe_id"):
+            if (~g["gold"]).any():
+                margins[pid] = float(g.loc[g["gold"], "norm"].iat[0] - g.loc[~g["gold"], "norm"].max())
+    return factlevel.per_probe(probes, cands, lp[:a], n[:a], spec, lp[a:b], n[a:b], margins)
 
 
 def heldout_ids(tokens_dir, period: int, max_sequences: int, seed: int = 0, tokenizer=None) -> list[list[int]]:
@@ -74,11 +119,20 @@ def heldout_ids(tokens_dir, period: int, max_sequences: int, seed: int = 0, toke
     return [lead + d.tolist() for d in toks.docs_of(df.sort_values("seq_id"))]
 
 
-def evaluate_model(model, tokenizer, probes: pd.DataFrame, heldout: list[list[int]], batch_size: int):
+def evaluate_model(model, tokenizer, probes: pd.DataFrame, heldout: list[list[int]], batch_size: int,
+                   pool: pd.DataFrame | None = None, period: int | None = None, candidates: int = 10,
+                   seed: int = 0):
+    """(per-probe scores, summary): object/statement scores and held-out perplexity, and
+    with `pool` (every probe, for the candidates) the fact-level metrics (`factlevel`)."""
     scores = score_probes(model, tokenizer, probes, batch_size)
     summary = summarize(scores)
     lp, n = ids_logprob(model, tokenizer, heldout, batch_size)
     summary["heldout_ppl"] = perplexity(lp, n)
+    if pool is not None and len(probes):
+        rows = fact_level(model, tokenizer, probes, pool, period, candidates, seed, batch_size)
+        extra = probes[["probe_id", "subject_id", "relation", "subject_status", "constant_object"]]
+        scores = scores.merge(extra, on="probe_id", how="left").merge(rows, on="probe_id", how="left")
+        summary["facts"] = {"candidates": candidates, "seed": seed, **factlevel.summarize(probes, rows)}
     return scores, summary
 
 
@@ -120,19 +174,24 @@ def evaluate_checkpoint(params: dict, model, probes, tokens, period: int, out, m
     ckpt = checkpoint_dir(model)
     lm, tokenizer = load_checkpoint(ckpt)
     lm.to(device()).eval()
-    probe_df = period_probes(probes, period, params["max_probes_per_set"])
+    pool = all_probes(probes)
+    probe_df = period_probes(pool, period, params["max_probes_per_set"])
     texts = heldout_ids(tokens, period, params["heldout_max_sequences"], tokenizer=tokenizer)
     if probe_df.empty:
         log.warning("no probes for period %d in %s", period, probes)
     try:
-        scores, summary = evaluate_model(lm, tokenizer, probe_df, texts, params["batch_size"])
+        scores, summary = evaluate_model(lm, tokenizer, probe_df, texts, params["batch_size"], pool, period,
+                                         params["candidates"], params["candidate_seed"])
     except NonFiniteError as e:  # name the checkpoint: its weights (a diverged run?) give no number
         raise NonFiniteError(f"{ckpt} (period {period}): {e}") from None
     summary = {"method": method, "seed": seed, "period": period, **summary}
     with atomic_output(out) as tmp:
         write_parquet(scores, tmp / "scores.parquet")
         write_json(summary, tmp / "summary.json")
+    facts = summary.get("facts", {}).get("sets", {})
     sets = ", ".join(f"{k}: n={v['n']} top1={v['top1']:.3f} obj_ppl={fmt_ppl(v['object_ppl'])}"
-                     for k, v in summary.items() if isinstance(v, dict))
+                     + (f" hits@1={facts[k]['hits1']:.3f} (chance {facts[k]['chance_hits1']:.3f})"
+                        if facts.get(k, {}).get("hits1") is not None else "")
+                     for k, v in summary.items() if isinstance(v, dict) and k != "facts")
     log.info("evaluate %s (%s, seed %s) P%d: %d probes (%s); held-out ppl %s on %d sequences",
              ckpt, method, seed, period, len(scores), sets or "none", fmt_ppl(summary["heldout_ppl"]), len(texts))

@@ -36,6 +36,7 @@ from .io import InputError, atomic_output, read_json, read_table, write_json, wr
 from . import schema
 from .split import stable_unit
 from .facts import subject_articles
+from .factlevel import constant_objects
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 # the corpus has no evidence to tell new from updated entities (data/temporalwiki.py).
 SETS = ("unchanged", "updated", "new", "outdated", "changed")
 FACT_COLUMNS = ["subject_id", "subject", "relation", "object"]
-PROBE_COLUMNS = ["probe_id", "period", "set", "subject_id", "subject", "relation", "object", "prefix", "statement"]
+PROBE_COLUMNS = ["probe_id", "period", "set", "subject_id", "subject", "relation", "object", "prefix", "statement",
+                 "paraphrase", "subject_status", "constant_object"]
 
 
 def with_defaults(params: dict | None) -> dict:
@@ -176,14 +178,27 @@ def prefix_function(source: str):
     return default_prefix
 
 
+def paraphrase_function(source: str):
+    """A second probe wording of the same question (the synthetic world's template 1), or
+    None where the source has none: `paraphrase` is then empty."""
+    if source == "synthetic":
+        from .data.synthetic import probe_prefix
+        return lambda subject, relation: probe_prefix(subject, relation, 1)
+    return None
+
+
 def _probe_id(period: int, name: str, subject_id: str, relation: str, obj: str) -> str:
     digest = hashlib.sha1(f"{subject_id}\x1f{relation}\x1f{obj}".encode()).hexdigest()[:12]
     return f"P{period}-{name}-{digest}"
 
 
-def assemble(period: int, name: str, facts: pd.DataFrame, prefix_fn) -> pd.DataFrame:
+def assemble(period: int, name: str, facts: pd.DataFrame, prefix_fn, paraphrase_fn=None,
+             articles: dict | None = None) -> pd.DataFrame:
+    """The probes of one set. `paraphrase` is the second wording's prefix (empty without
+    one, and where that wording's statement occurs in the subject's text: it would test
+    verbatim recall)."""
     if facts.empty:
-        return pd.DataFrame(columns=PROBE_COLUMNS)
+        return pd.DataFrame(columns=PROBE_COLUMNS[:-2])
     df = facts[FACT_COLUMNS].astype(str).copy()
     if "prefix" in facts:  # shipped probes; an empty prefix falls back to subject + relation
         given = facts["prefix"].fillna("").astype(str)
@@ -192,11 +207,35 @@ def assemble(period: int, name: str, facts: pd.DataFrame, prefix_fn) -> pd.DataF
     else:
         df["prefix"] = [prefix_fn(s, r) for s, r in zip(df["subject"], df["relation"])]
     df["statement"] = df["prefix"] + " " + df["object"]
+    df["paraphrase"] = ""
+    if paraphrase_fn is not None and "prefix" not in facts:
+        para = [paraphrase_fn(s, r) for s, r in zip(df["subject"], df["relation"])]
+        seen = _in_subject_text(df, articles or {}, [f"{q} {o}" for q, o in zip(para, df["object"])])
+        df["paraphrase"] = [("" if x else q) for q, x in zip(para, seen)]
     df.insert(0, "set", name)
     df.insert(0, "period", period)
     df.insert(0, "probe_id", [_probe_id(period, name, s, r, o)
                               for s, r, o in zip(df["subject_id"], df["relation"], df["object"])])
-    return df[PROBE_COLUMNS]
+    return df[PROBE_COLUMNS[:-2]]
+
+
+def subject_status(probes: pd.DataFrame, triples: pd.DataFrame) -> pd.Series:
+    """Per probe, its subject's status in the probe's period: `new` (not in snapshot k-1),
+    `updated` (a fact of it changed or was added in k), else `unchanged` (period 0: all
+    unchanged). From the triples where they cover the period, else from the period's
+    probe sets (shipped probes: a subject with a new / updated or changed probe)."""
+    status = {}
+    for k in sorted(set(probes["period"])):
+        if k > 0 and (triples["snapshot"] == k).any():
+            sets = fact_sets(triples, k)
+            for name in ("updated", "new"):
+                status.update({(k, s): name for s in sets[name]["subject_id"]})
+        elif k > 0:
+            p = probes[probes["period"] == k]
+            for name, label in (("changed", "updated"), ("updated", "updated"), ("new", "new")):
+                status.update({(k, s): label for s in p.loc[p["set"] == name, "subject_id"]})
+    return pd.Series([status.get((k, s), "unchanged") for k, s in zip(probes["period"], probes["subject_id"])],
+                     index=probes.index, dtype=object)
 
 
 # --- sources ---------------------------------------------------------------------------------------
@@ -215,8 +254,9 @@ def raw_sets(raw: pd.DataFrame, entities: pd.DataFrame, period: int, path: Path)
 
 def build_probes(p: dict, periods: list[int], triples: pd.DataFrame, articles: dict,
                  prefix_fn, raw: pd.DataFrame | None = None, entities: pd.DataFrame | None = None,
-                 raw_path: Path = Path("probes_raw.parquet")) -> pd.DataFrame:
-    """All probes: period 0 (T0 facts) and every update period."""
+                 raw_path: Path = Path("probes_raw.parquet"), paraphrase_fn=None) -> pd.DataFrame:
+    """All probes: period 0 (T0 facts) and every update period, with each subject's
+    status in the period and the `constant_object` flag (`factlevel.constant_objects`)."""
     p = with_defaults(p)
     entities = entities if entities is not None else pd.DataFrame(columns=["entity_id", "name"])
     frames = []
@@ -243,9 +283,12 @@ def build_probes(p: dict, periods: list[int], triples: pd.DataFrame, articles: d
             raise InputError(f"probes: period {k}: every probe set is empty after filtering "
                              f"({n_candidates} candidate facts; see max_object_words, "
                              f"require_object_in_text and the caps)")
-        frames.extend(assemble(k, name, f, prefix_fn) for name, f in kept.items())
-    probes = pd.concat(frames, ignore_index=True)
-    return probes.astype({"period": "int64"})
+        frames.extend(assemble(k, name, f, prefix_fn, paraphrase_fn, articles.get(k - 1 if name == "outdated" else k))
+                      for name, f in kept.items())
+    probes = pd.concat(frames, ignore_index=True).astype({"period": "int64"})
+    probes["subject_status"] = subject_status(probes, triples)
+    probes["constant_object"] = constant_objects(probes)
+    return probes[PROBE_COLUMNS]
 
 
 def run(params: dict, corpus: str, tagged: str, out: str) -> None:
@@ -274,14 +317,23 @@ def run(params: dict, corpus: str, tagged: str, out: str) -> None:
     articles = subject_articles(docs, entities if entities is not None else pd.DataFrame(
         columns=["entity_id", "name", "aliases"]), triples)
 
-    probes = build_probes(p, periods, triples, articles, prefix_function(manifest.get("source", "")),
-                          raw, entities, raw_path)
+    source = manifest.get("source", "")
+    probes = build_probes(p, periods, triples, articles, prefix_function(source), raw, entities, raw_path,
+                          paraphrase_function(source))
     _check_against_tags(probes, Path(tagged))
-    counts = {str(k): {s: int(n) for s, n in g.groupby("set").size().items()} for k, g in probes.groupby("period")}
+
+    def count(df):
+        return {str(k): {s: int(n) for s, n in g.groupby("set").size().items()} for k, g in df.groupby("period")}
+    counts = count(probes)
+    # Probes a constant guess answers (every subject of the period's set and relation has
+    # the same object, e.g. every new organisation "was founded in 2019"): fact-level
+    # metrics leave them out and count them here.
+    shortcuts = count(probes[probes["constant_object"]])
     with atomic_output(out) as tmp:
         write_parquet(probes, tmp / "probes.parquet")
-        write_json({"params": p, "counts": counts}, tmp / "manifest.json")
-    log.info("probes: %d probes; %s", len(probes), counts)
+        write_json({"params": p, "counts": counts, "constant_object": shortcuts}, tmp / "manifest.json")
+    log.info("probes: %d probes; %s; constant-object probes (left out of fact-level metrics): %s",
+             len(probes), counts, shortcuts or "none")
 
 
 def _check_against_tags(probes: pd.DataFrame, tagged: Path) -> None:

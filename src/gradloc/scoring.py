@@ -164,6 +164,43 @@ def score_probes(model, tokenizer, probes_df: pd.DataFrame, batch_size: int = 32
     return out[SCORE_COLUMNS]
 
 
+def score_pairs(model, tokenizer, prefixes, objects, batch_size: int = 32,
+                desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(summed log p of the object tokens, number of object tokens) of each (prefix,
+    object) pair, encoded as `encode_probe` does; identical pairs are scored once, each
+    distinct prefix and object tokenized once. A non-finite score is a NonFiniteError
+    naming the pair."""
+    max_len = max_positions(model)
+    pairs = list(zip(pd.Series(prefixes).fillna("").astype(str), pd.Series(objects).astype(str)))
+    unique = list(dict.fromkeys(pairs))
+    lead = leading_special_ids(tokenizer)
+    start = [_start_id(tokenizer)] if not lead else []
+
+    def encode_all(texts):
+        texts = list(dict.fromkeys(texts))
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return dict(zip(texts, ids))
+
+    pre = encode_all([p for p, _ in unique])
+    obj = encode_all([" " + o for _, o in unique])
+    encoded = []
+    for p, o in unique:
+        prefix_ids, obj_ids = (lead + pre[p]) or start, obj[" " + o]
+        if max_len is not None and len(prefix_ids) + len(obj_ids) > max_len:  # as encode_probe
+            obj_ids = obj_ids[:max_len - 1]
+            prefix_ids = prefix_ids[-(max_len - len(obj_ids)):]
+        encoded.append((prefix_ids + obj_ids, len(obj_ids)))
+    lps, _ = token_logprobs(model, tokenizer, [e[0] for e in encoded], batch_size, desc)
+    score = {}
+    for pair, (_, k), lp in zip(unique, encoded, lps):
+        total = float(lp[-k:].sum()) if k else 0.0
+        if not math.isfinite(total):
+            raise NonFiniteError(f"non-finite log-probability {total} of object {pair[1]!r} after {pair[0]!r}")
+        score[pair] = (total, k)
+    out = np.array([score[p] for p in pairs], dtype=np.float64).reshape(-1, 2)
+    return out[:, 0], out[:, 1].astype(np.int64)
+
+
 def perplexity(logprob_sum: float, n_tokens: int) -> float | None:
     """exp(-sum log p / tokens); None ("nothing measured", null in JSON) when nothing was
     scored. A non-finite sum is a NonFiniteError, never a perplexity."""
