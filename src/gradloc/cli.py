@@ -57,6 +57,7 @@ STAGES = {
                                 ("probes", "probes folder (token_weighting: probe objects)"),
                                 ("weighting_model", "weighting model folder (token_weighting camels)"),
                                 ("subnet", "subnet folder (layers: subnet, mask: subnet)"),
+                                ("corpus", "corpus folder (permute_objects: the period's triples)"),
                                 ("out", "output folder(s), one per seed")]),
     "metatrain": ("gradloc.metatrain", [("base", "base model folder"),
                                         ("backbone", "small model with the base model's tokenizer"),
@@ -83,7 +84,7 @@ SEVERAL_ARGS = {("evaluate", "model"), ("evaluate", "out"), ("train", "seed"), (
                 ("train", "out")}
 INT_ARGS = {"period", "seed", "gpus"}
 OPTIONAL_ARGS = {"selection", "state", "gpus", "tokenizer", "attention", ("attention", "probes"), ("train", "probes"),
-                 ("train", "tagged"), ("train", "weighting_model"), ("train", "subnet"), ("report", "weighting"),
+                 ("train", "tagged"), ("train", "weighting_model"), ("train", "subnet"), ("train", "corpus"), ("report", "weighting"),
                  ("report", "subnet"), ("evaluate", "method"), ("evaluate", "seed"), ("evaluate", "period"),
                  ("profile", "tagged")}  # name or (stage, name)
 

@@ -115,14 +115,14 @@ def period_docs(tokens, period: int) -> tuple[list[np.ndarray], list[np.ndarray]
 # --- the stage ------------------------------------------------------------------------------
 
 def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None, out="train", gpus=0,
-        attention=None, tagged=None, probes=None, weighting_model=None, subnet=None):
+        attention=None, tagged=None, probes=None, weighting_model=None, subnet=None, corpus=None):
     """Train one method on one period: from `init` into `out` (metrics returned). With a
     list of seeds, one training per seed in turn, in this process (the workflow's
     `train.group_seeds`: a small model's job is half torch/transformers imports); `init`
     (one for all, or one per seed), `state` and `out` are then lists in seed order."""
     if not isinstance(seed, (list, tuple)):
         return train_one(params, init, tokens, selection, period, seed, state, out, gpus, attention, tagged, probes,
-                         weighting_model, subnet)
+                         weighting_model, subnet, corpus)
     n = len(seed)
     inits, outs = as_list(init), as_list(out)
     states = as_list(state) if state else [None] * n
@@ -133,11 +133,11 @@ def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None
             raise InputError(f"train: {n} seed(s) but {len(values)} {name} folder(s); give one per seed "
                              "(--init may also be one for all)")
     return [train_one(params, i, tokens, selection, period, s, st, o, gpus, attention, tagged, probes,
-                      weighting_model, subnet) for s, i, st, o in zip(seed, inits, states, outs)]
+                      weighting_model, subnet, corpus) for s, i, st, o in zip(seed, inits, states, outs)]
 
 
 def train_one(params: dict, init, tokens, selection, period, seed, state, out, gpus, attention, tagged, probes,
-              weighting_model, subnet) -> dict:
+              weighting_model, subnet, corpus=None) -> dict:
     from accelerate.utils import set_seed
 
     cfg = settings(params)
@@ -161,6 +161,9 @@ def train_one(params: dict, init, tokens, selection, period, seed, state, out, g
         raise InputError(f"replay: {toks.path} has no split == 'base' documents to replay")
     extra, masks = {}, None
     rows_p = toks.select(period=period, split="train")
+    if "permute_objects" in cfg["method"]:  # the negative control: the same text with wrong facts
+        diff_docs, extra["permute_objects"] = permuted(rows_p, cfg["method"]["permute_objects"], corpus, tagged,
+                                                       tokenizer, period, diff_docs[0].dtype)
     types, marked = rows_p["knowledge_type"].astype(str).tolist(), None
     tw = cfg["method"].get("token_weighting")
     if tw and tagged:  # entity/object tokens: salient_spans' weights and the weights' summary
@@ -195,8 +198,8 @@ def train_one(params: dict, init, tokens, selection, period, seed, state, out, g
     optimizer = methods.make_optimizer(prepared, cfg["lr"], cfg["weight_decay"])
     scheduler = engine.make_scheduler(optimizer, cfg["schedule"], total_steps, int(cfg["warmup_ratio"] * total_steps),
                                       W)
-    fp = engine.fingerprint(cfg, [init, tokens, selection, attention, tagged, probes, weighting_model, subnet], period,
-                            seed, W)
+    fp = engine.fingerprint(cfg, [init, tokens, selection, attention, tagged, probes, weighting_model, subnet]
+                            + ([corpus] if corpus else []), period, seed, W)
     model, optimizer, progress = engine.fit(
         accelerator, prepared.model, optimizer, scheduler, data, engine.StepBatches(rows, total_steps, A, W),
         grad_clip=cfg["grad_clip"], log_every=cfg["log_every"], desc=f"train {cfg['name']} P{period}",
@@ -227,6 +230,42 @@ def augmented(docs, aug: dict, attention, toks, tokenizer, seed: int, period: in
     summary, text = augment.inspect(docs, masks, scores["marked"], protected, aug, tokenizer)
     log.info("augment %s: %d documents -> %d (%s)", aug["kind"], len(docs), len(out), summary)
     return out, {"augment": summary, "augment.md": text}, masks
+
+
+def permuted(rows, part: dict, corpus, tagged, tokenizer, period: int, dtype):
+    """(the period's diff documents with the objects of its new and changed facts permuted
+    within each relation, re-tokenized as `gradloc tokens` does; a summary). See
+    methods/permute.py."""
+    from .io import read_table
+    from .methods import permute
+
+    if not corpus or not tagged:
+        raise InputError("permute_objects: needs --corpus (the triples) and --tagged (texts and mentions)")
+    path = Path(corpus) / "triples.parquet"
+    triples = read_table(path, ["snapshot", "subject_id", "relation", "object"]).astype(
+        {"snapshot": int, "subject_id": str, "relation": str, "object": str})
+    key = ["subject_id", "relation", "object"]
+    now, before = triples[triples["snapshot"] == period], triples[triples["snapshot"] == period - 1]
+    changed = now.merge(before[key].drop_duplicates(), on=key, how="left", indicator=True)
+    changed = changed[changed["_merge"] == "left_only"]
+    if changed.empty:
+        raise InputError(f"{path}: no facts of snapshot {period} that snapshot {period - 1} lacks: nothing to permute")
+    mapping = permute.wrong_objects(changed, int(part["seed"]))
+    seqs = read_table(Path(tagged) / "sequences.parquet", ["seq_id", "text"])
+    text = dict(zip(seqs["seq_id"].astype(str), seqs["text"].astype(str)))
+    mentions = read_table(Path(tagged) / "mentions.parquet", ["seq_id", "entity_id"])
+    mentioned = mentions.groupby(mentions["seq_id"].astype(str))["entity_id"].agg(lambda x: set(map(str, x)))
+    ids = rows["seq_id"].astype(str).tolist()
+    texts, n = permute.permute_texts([text[i] for i in ids], [mentioned.get(i, set()) for i in ids], mapping)
+    docs = [np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=dtype) for t in texts]
+    wrong = sum(t != w for t, w in mapping.values())
+    summary = {"facts": len(mapping), "facts_made_wrong": wrong, "replacements": n,
+               "documents_changed": sum(a != b for a, b in zip(texts, (text[i] for i in ids)))}
+    if n == 0:
+        raise InputError(f"permute_objects: no object of the period's {len(mapping)} new or changed facts occurs in "
+                         f"a document mentioning its subject ({tagged}): the control would equal full")
+    log.info("permute_objects P%d: %s", period, summary)
+    return docs, summary
 
 
 def with_copies(items: list, masks: list[list[np.ndarray]], cut) -> list:

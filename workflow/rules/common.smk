@@ -118,17 +118,21 @@ def uses_camels():
 
 def weighting_inputs(w):
     """Token-weighting methods read the tagged mentions and probes (salient tokens and the
-    weights' summary); camels also the meta-trained weighting model."""
-    if "token_weighting" not in config["train"]["methods"][w.method]:
-        return {}
-    out = {"tagged": f"{R}/tagged", "probes": f"{R}/probes"}
+    weights' summary); camels also the meta-trained weighting model. permute_objects (the
+    negative control) reads the tagged texts and mentions and the corpus' triples."""
+    method = config["train"]["methods"][w.method]
+    out = {}
+    if "token_weighting" in method:
+        out = {"tagged": f"{R}/tagged", "probes": f"{R}/probes"}
     if weighting_kind(w.method) == "camels":
         out["weighting_model"] = f"{R}/weighting_model"
+    if "permute_objects" in method:
+        out.update(tagged=f"{R}/tagged", corpus=f"{R}/corpus")
     return out
 
 
 def weighting_args(w, input):
-    return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in ("tagged", "probes", "weighting_model")
+    return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in ("tagged", "probes", "weighting_model", "corpus")
                     if k in input.keys())
 
 
