@@ -13,6 +13,8 @@ rule report:
                          labels={"figure": "table (CSV)"}),
         table_md=report(f"{R}/report/table.md", caption="../report/table.rst", category="Results",
                         labels={"figure": "table (Markdown)"}),
+        fact_tradeoff=report(f"{R}/report/fact_tradeoff.png", caption="../report/fact_tradeoff.rst",
+                             category="Results", labels={"figure": "fact-level uptake vs forgetting"}),
         heatmap=report(f"{R}/report/heatmap.png", caption="../report/heatmap.rst", category="Gradient profile",
                        labels={"figure": "relative gradient norm"}),
         tradeoff=report(f"{R}/report/tradeoff.png", caption="../report/tradeoff.rst", category="Results",

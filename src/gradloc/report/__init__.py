@@ -18,7 +18,7 @@ import pandas as pd
 
 from .. import schema
 from ..io import InputError, atomic_output, read_json, read_table
-from . import markdown, table  # figures (matplotlib) is imported in run() only
+from . import facts, markdown, table  # figures (matplotlib) is imported in run() only
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,14 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out, subne
     vs_full = table.versus_full(table.probe_scores(evals), order, averaged=averaged)
     if not vs_full.empty:  # method minus full with 95% intervals (issue 11): extra columns
         result = result.merge(vs_full, on=["method", "period"], how="left")
+    fact_table = facts.build(evals, order)
+    fact_vs = facts.versus_full(facts.probe_rows(evals), order)
+    if not fact_table.empty:  # fact-level metrics (issue 20): the table's `fact_*` columns
+        result = result.merge(fact_table, on=["method", "period"], how="left")
+    if not fact_vs.empty:
+        result = result.merge(fact_vs.rename(columns=lambda c: c if c in ("method", "period") else f"fact_{c}"),
+                              on=["method", "period"], how="left")
+    labels = method_labels(trains)
 
     sub = None
     if subnet is not None:  # knowledge-critical subnetworks vs the gradient profile
@@ -56,7 +64,8 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out, subne
     with atomic_output(out) as tmp:
         # Plain "\n" and a fixed float format: the same inputs give the same bytes.
         result.to_csv(tmp / "table.csv", index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
-        text = markdown.markdown(result, primary, params["title"], base_metrics, sets, averaged)
+        lead = markdown.facts_section(fact_table, fact_vs, labels, candidates(evals))
+        text = markdown.markdown(result, primary, params["title"], base_metrics, sets, averaged, lead)
         text += markdown.augment_section([read_json(Path(t) / "metrics.json") for t in trains])
         text += weighting_report(trains, weighting, tmp / "weighting.png", dpi)
         if sub is not None:
@@ -70,12 +79,30 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out, subne
         (tmp / "table.md").write_text(text + "\n")
         figures.render_heatmap(profile, tmp / "heatmap.png", dpi)
         figures.tradeoff(result, order, primary, tmp / "tradeoff.png", dpi, averaged)
+        if not fact_table.empty:
+            figures.fact_tradeoff(fact_table, order, tmp / "fact_tradeoff.png", dpi)
         figures.curves(logs, order, tmp / "curves.png", dpi)
 
     n_seeds = evals_df.loc[evals_df["method"] != table.BASE, "seed"].nunique()
     log.info("report: %d methods (incl. base), %d periods, %d seeds, %d eval folders, %d train logs -> %s "
              "(table %d rows, 3 figures)", len(order), evals_df["period"].nunique(), n_seeds, len(evals_df),
              logs.groupby(["method", "seed", "period"]).ngroups if not logs.empty else 0, out, len(result))
+
+
+def method_labels(trains: list) -> dict[str, str]:
+    """{method: label} for the tables: the negative control (a `permute_objects` part)."""
+    labels = {}
+    for t in trains:
+        m = read_json(Path(t) / "metrics.json")
+        if "permute_objects" in (m.get("method_config") or {}):
+            labels[m["method"]] = "negative control"
+    return labels
+
+
+def candidates(evals: list) -> str:
+    """The evaluations' number of candidates (`evaluate.candidates`), as text."""
+    ks = sorted({(read_json(Path(e) / "summary.json").get("facts") or {}).get("candidates") for e in evals} - {None})
+    return " / ".join(map(str, ks)) or "K"
 
 
 def weighting_report(trains: list, weighting, path: Path, dpi: int) -> str:

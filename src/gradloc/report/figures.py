@@ -117,11 +117,22 @@ def method_colors(order: list[str]) -> dict:
     return {m: cmap(i % cmap.N) for i, m in enumerate(order)}
 
 
+def fact_tradeoff(facts: pd.DataFrame, order: list[str], path: Path, dpi: int) -> None:
+    """`tradeoff` of the fact-level numbers (report/facts.py): fact forgetting (x) against
+    fact uptake (y), in points of hits@1."""
+    df = facts.assign(**{f"{a}_{s}": 100 * facts[f"fact_fact_{a}_{s}"] for a in ("uptake", "forgetting")
+                         for s in ("mean", "std")})
+    tradeoff(df, order, "hits@1", path, dpi, labels=(
+        "fact forgetting on unchanged (base − method hits@1, points; ← better)",
+        "fact uptake on new + updated (method − base hits@1, points; ↑ better)",
+        "Fact-level uptake vs forgetting (error bars: std over seeds)"))
+
+
 def tradeoff(table: pd.DataFrame, order: list[str], primary: str, path: Path, dpi: int,
-             averaged=("new", "updated")) -> None:
+             averaged=("new", "updated"), labels: tuple[str, str, str] | None = None) -> None:
     """Forgetting (x) against uptake (y), one point per method and period, error bars =
     seed std; a thin line joins a method's periods in order. `averaged`: the sets in
-    uptake, for the axis label."""
+    uptake, for the axis label; `labels`: (x label, y label, title) instead."""
     colors = method_colors(order)
     per_period = table[(table["period"] != ALL_PERIODS) & (table["method"] != BASE)]
     periods = sorted({int(p) for p in per_period["period"]})
@@ -144,11 +155,14 @@ def tradeoff(table: pd.DataFrame, order: list[str], primary: str, path: Path, dp
     for p in periods:
         ax.plot([], [], color="0.4", marker=MARKERS[periods.index(p) % len(MARKERS)], ls="none", label=f"period {p}")
     lower = is_ppl(primary)
-    ax.set_xlabel(f"forgetting on unchanged ({'ln method − ln base' if lower else 'base − method'} {primary}; "
-                  "← better)")
     up = "ln base − ln method" if lower else "method − base"
-    ax.set_ylabel(f"uptake on {'+'.join(averaged) or 'none'} ({up} {primary}; ↑ better)")
-    ax.set_title("Uptake vs forgetting (error bars: std over seeds)")
+    xlabel, ylabel, title = labels or (
+        f"forgetting on unchanged ({'ln method − ln base' if lower else 'base − method'} {primary}; ← better)",
+        f"uptake on {'+'.join(averaged) or 'none'} ({up} {primary}; ↑ better)",
+        "Uptake vs forgetting (error bars: std over seeds)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7, loc="best", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)

@@ -106,8 +106,9 @@ def base_model_lines(metrics: dict) -> list[str]:
 
 
 def markdown(table: pd.DataFrame, primary: str, title: str, base_metrics: dict, sets=SETS,
-             averaged=("new", "updated")) -> str:
-    """The whole table.md; `sets` are the table's probe sets, `averaged` those in `uptake`."""
+             averaged=("new", "updated"), lead: list[str] | None = None) -> str:
+    """The whole table.md; `sets` are the table's probe sets, `averaged` those in `uptake`;
+    `lead` (the fact-level section) comes first, before the object-perplexity tables."""
     gains = gain_sets(sets)
     main_cols = [(f"{s}_{primary}", f"{s} {primary}") for s in sets] + [
         (f"uptake_{s}", f"uptake {s}") for s in gains] + [
@@ -116,7 +117,12 @@ def markdown(table: pd.DataFrame, primary: str, title: str, base_metrics: dict, 
         (f"top1_gain_{s}", f"top1 gain {s}") for s in gains] + [("top1_forgetting", "top1 forgetting")]
     cost_cols = [("trainable_params", "trainable params"), ("wall_time_s", "wall time (s)")]
     context = base_model_lines(base_metrics)
-    lines = [f"# {title}", "", *definitions(primary, sets, averaged), "", *context, *([""] if context else [])]
+    lines = [f"# {title}", "", *(lead or [])]
+    if lead:
+        lines += [f"## Object perplexity ({primary}): not a knowledge metric", "",
+                  "The numbers below rise when a model learns that the period's new names exist, whoever they "
+                  "belong to; the fact-level section above asks whether the facts were learned.", ""]
+    lines += [*definitions(primary, sets, averaged), "", *context, *([""] if context else [])]
     per_period = table[table["period"] != ALL_PERIODS]
     summary = table[table["period"] == ALL_PERIODS]
     for heading, part in (("Per period", per_period), ("Per method, averaged over periods", summary)):
@@ -206,3 +212,79 @@ def weighting_section(metrics: list[dict], meta: dict | None) -> str:
             lines.append(f"| {r['method']} | {r['period']} | {r['kind']} | {r['type']} | {fmt(r['fact'])} | "
                          f"{fmt(r['other'])} | {fmt(r['ratio'])} |")
     return "\n".join(lines)
+
+
+FACT_COLUMNS = [("new_hits1", "new hits@1"), ("updated_hits1", "updated hits@1"),
+                ("efficacy_share", "efficacy"), ("unchanged_hits1", "unchanged hits@1"),
+                ("unchanged_touched_hits1", "unch. touched"), ("unchanged_untouched_hits1", "unch. untouched"),
+                ("fact_uptake", "fact uptake"), ("fact_forgetting", "fact forgetting"), ("fuar", "FUAR"),
+                ("new_specificity", "specificity new"), ("updated_specificity", "specificity updated")]
+POINTS = {"new_hits1", "updated_hits1", "efficacy_share", "unchanged_hits1", "unchanged_touched_hits1",
+          "unchanged_untouched_hits1", "fact_uptake", "fact_forgetting"}
+
+
+def _fact_cell(row, col: str) -> str:
+    mean, std = row.get(f"fact_{col}_mean", math.nan), row.get(f"fact_{col}_std", math.nan)
+    scale = 100 if col in POINTS else 1
+    if mean is None or math.isnan(mean):
+        return "–"
+    text = f"{scale * mean:.1f}" if scale == 100 else f"{mean:.2f}"
+    if not math.isnan(std):
+        text += f" ± {scale * std:.1f}" if scale == 100 else f" ± {std:.2f}"
+    return text
+
+
+def facts_section(ft: pd.DataFrame, vs: pd.DataFrame, labels: dict[str, str], candidates) -> list[str]:
+    """table.md's first section: fact-level metrics per method and period, chance and the
+    majority-object baseline beside them, then each method against `full` with intervals."""
+    if ft.empty:
+        return []
+    base = ft[ft["method"] == "base"]
+    lines = ["## Fact-level results", "",
+             f"Was the fact learned? Each probe's gold object is ranked among {candidates} same-relation "
+             "candidates by mean log-prob per token under the probe's prefix (`gradloc.factlevel`; for `updated` "
+             "the replaced object is always a candidate, for `new` other new entities' objects are). "
+             "**hits@1** in % (mean ± std over seeds); **efficacy**: % of `updated` probes whose new object beats "
+             "the replaced one; **unch. touched / untouched**: unchanged facts of subjects that the period "
+             "updated or that are new, and of the others; **fact uptake** = method − base hits@1 on new and "
+             "updated (their mean, points); **fact forgetting** = base − method hits@1 on unchanged (points); "
+             "**FUAR** = unchanged facts forgotten / new and updated facts gained (net counts; lower is better, "
+             "empty when nothing was gained); **specificity**: nats per token of the gold object under its own "
+             "subject's prefix minus under other subjects' (0: the object is likely whoever the subject is). "
+             "Probes whose object is the same for every subject of their set and relation (a constant guess "
+             "answers them) are left out; object perplexity, the older 'uptake in nats', is further down and "
+             "rises when a model merely learns that new names exist.", ""]
+    head = ["method", "period"] + [label for _, label in FACT_COLUMNS]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, b in base.iterrows():
+        chance = [f"{100 * b[f'fact_{s}_chance_hits1_mean']:.1f}" if not math.isnan(b[f"fact_{s}_chance_hits1_mean"])
+                  else "–" for s in ("new", "updated")]
+        majority = [f"{100 * b[f'fact_{s}_majority_hits1_mean']:.1f}"
+                    if not math.isnan(b[f"fact_{s}_majority_hits1_mean"]) else "–"
+                    for s in ("new", "updated", "unchanged")]
+        unch = b["fact_unchanged_chance_hits1_mean"]
+        lines.append(f"| *chance* | {b['period']} | {chance[0]} | {chance[1]} | 50.0 | "
+                     f"{'–' if math.isnan(unch) else f'{100 * unch:.1f}'} | | | 0 | 0 | | 0 | 0 |")
+        lines.append(f"| *majority object* | {b['period']} | {majority[0]} | {majority[1]} | | {majority[2]} "
+                     "| | | | | | | |")
+    for _, row in ft.iterrows():
+        name = row["method"] + (f" ({labels[row['method']]})" if row["method"] in labels else "")
+        lines.append(f"| {name} | {row['period']} | " + " | ".join(_fact_cell(row, c) for c, _ in FACT_COLUMNS)
+                     + " |")
+    lines.append("")
+    if not vs.empty:
+        lines += ["## Each method against `full`, fact-level", "",
+                  "Method minus `full` in points, paired by seed, period and probe, over both periods; mean with "
+                  "a 95% bootstrap interval resampling seeds and then entities (all probes of a subject move "
+                  "together). Fact uptake: hits@1 on new and updated (positive: learned more than full); fact "
+                  "forgetting: lost hits@1 on unchanged (positive: forgot more); efficacy: on updated. An "
+                  "interval containing 0 is no difference.", "",
+                  "| method | fact uptake (pts) | fact forgetting (pts) | efficacy (pts) |", "|---|---|---|---|"]
+        for r in vs[vs["period"] == ALL_PERIODS].to_dict("records"):
+            cells = [f"{r[f'{c}_vs_full']:+.1f} [{r[f'{c}_vs_full_lo']:+.1f}, {r[f'{c}_vs_full_hi']:+.1f}]"
+                     if not math.isnan(r[f"{c}_vs_full"]) else "–"
+                     for c in ("fact_uptake", "fact_forgetting", "efficacy")]
+            name = r["method"] + (f" ({labels[r['method']]})" if r["method"] in labels else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines

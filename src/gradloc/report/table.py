@@ -38,7 +38,7 @@ BASE = "base"
 ALL_PERIODS = "all"  # the period label of the rows averaged over periods
 COST_COLUMNS = ("trainable_params", "wall_time_s")  # from train metrics.json
 IDENTITY = ("method", "seed", "period")  # what summary.json / metrics.json say was run
-NON_SET_KEYS = {*IDENTITY, "heldout_ppl"}
+NON_SET_KEYS = {*IDENTITY, "heldout_ppl", "facts"}  # facts: fact-level metrics (report/facts.py)
 
 
 # ----------------------------------------------------------------------------- inputs
