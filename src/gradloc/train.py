@@ -257,7 +257,8 @@ def permuted(rows, part: dict, corpus, tagged, tokenizer, period: int, dtype):
     mentioned = mentions.groupby(mentions["seq_id"].astype(str))["entity_id"].agg(lambda x: set(map(str, x)))
     ids = rows["seq_id"].astype(str).tolist()
     texts, n = permute.permute_texts([text[i] for i in ids], [mentioned.get(i, set()) for i in ids], mapping)
-    docs = [np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=dtype) for t in texts]
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # as `gradloc tokens`
+    docs = [np.asarray(ids, dtype=dtype) for ids in encoded]
     wrong = sum(t != w for t, w in mapping.values())
     summary = {"facts": len(mapping), "facts_made_wrong": wrong, "replacements": n,
                "documents_changed": sum(a != b for a, b in zip(texts, (text[i] for i in ids)))}
