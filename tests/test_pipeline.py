@@ -40,6 +40,26 @@ def test_report_has_every_method_and_period_with_finite_numbers(test_run):
     assert all(m in md for m in METHODS)
 
 
+def test_fact_level_metrics_lead_the_report_and_the_negative_control_is_labelled(test_run):
+    summary = json.loads((test_run / "eval/full/seed0/P1/summary.json").read_text())
+    facts = summary["facts"]
+    assert facts["candidates"] == 10
+    for s in ("new", "updated", "unchanged"):
+        entry = facts["sets"][s]
+        assert entry["n"] + entry["n_constant"] == summary[s]["n"]
+        assert 0 <= entry["hits1"] <= 1 and 0 < entry["chance_hits1"] <= 0.5, (s, entry)
+    assert facts["efficacy"]["n"] == facts["sets"]["updated"]["n"]
+    scores = pd.read_parquet(test_run / "eval/full/seed0/P1/scores.parquet")
+    assert scores["n_candidates"].between(2, 10).all() and scores["hits1"].between(0, 1).all()
+    control = json.loads((test_run / "train/negative_control/seed0/P1/metrics.json").read_text())
+    assert control["permute_objects"]["facts_made_wrong"] > 0 and control["permute_objects"]["replacements"] > 0
+    table = pd.read_csv(test_run / "report/table.csv")
+    assert table["fact_fact_uptake_mean"].notna().any() and "fact_fuar_mean" in table
+    md = (test_run / "report/table.md").read_text()
+    assert md.index("## Fact-level results") < md.index("Object perplexity") < md.index("## Per period")
+    assert "negative_control (negative control)" in md and "*chance*" in md
+
+
 def test_training_changed_the_model_and_full_learned_the_diff(test_run):
     base = {p: json.loads((test_run / f"eval/base/P{p}/summary.json").read_text()) for p in PERIODS}
     full = json.loads((test_run / "eval/full/seed0/P1/summary.json").read_text())
@@ -63,4 +83,4 @@ def test_nothing_left_to_do_and_html_report(test_run, tmp_path):
     html = tmp_path / "report.html"
     run_snakemake("--configfile", "config/test.yaml", "--report", str(html), results=test_run)
     text = html.read_text(errors="replace")
-    assert len(text) > 100_000 and "tradeoff.png" in text and "heatmap.png" in text
+    assert len(text) > 100_000 and "tradeoff.png" in text and "heatmap.png" in text and "fact_tradeoff.png" in text

@@ -218,6 +218,35 @@ def test_synthetic_probes(tmp_path):
     assert worded and not set(df["subject_id"]) & worded
     all_text = "\n".join(docs["text"])
     assert not any(p in all_text for p in df["prefix"].drop_duplicates().head(200))
+    # The second wording (paraphrase efficacy) is the generator's template 1, and no probed
+    # statement occurs in any document in either wording.
+    assert (df["paraphrase"] == [probe_prefix(s, r, 1) for s, r in zip(df["subject"], df["relation"])]).all()
+    for wording in ("prefix", "paraphrase"):
+        assert not any(f"{q} {o}" in all_text for q, o in zip(df[wording], df["object"]))
+    # Each subject's status in the period: new subjects' probes are `new`, updated ones'
+    # `updated` and `outdated`; unchanged facts of an updated subject are "touched".
+    later = df[df["period"] > 0]
+    assert (later.loc[later["set"] == "new", "subject_status"] == "new").all()
+    assert (later.loc[later["set"].isin(["updated", "outdated"]), "subject_status"] == "updated").all()
+    tri = world["triples"]
+    key = ["subject_id", "relation", "object"]
+
+    def changed_subjects(k):
+        now, before = tri[tri["snapshot"] == k], tri[tri["snapshot"] == k - 1]
+        m = now.merge(before[key], on=key, how="left", indicator=True)
+        return set(m.loc[m["_merge"] == "left_only", "subject_id"]) & set(before["subject_id"])
+
+    unch = later[later["set"] == "unchanged"]
+    expect = ["updated" if sid in changed_subjects(k) else "unchanged" for k, sid in zip(unch["period"],
+                                                                                         unch["subject_id"])]
+    assert (unch["subject_status"] == expect).all() and "updated" in expect and "unchanged" in expect
+    assert (df[df["period"] == 0]["subject_status"] == "unchanged").all()
+    # Shortcuts: a constant object of a period's set and relation is flagged, and counted.
+    flagged = df[df["constant_object"]]
+    for (k, name, rel), g in df.groupby(["period", "set", "relation"]):
+        assert g["constant_object"].all() == (len(g) >= 2 and g["object"].nunique() == 1)
+    manifest = json.loads((tmp_path / "probes" / "manifest.json").read_text())
+    assert sum(n for sets in manifest["constant_object"].values() for n in sets.values()) == len(flagged)
     # Each outdated probe is the fact its updated probe replaced: same prefix, the old object.
     tri = world["triples"]
     for row in df[df["set"] == "outdated"].itertuples():

@@ -212,3 +212,19 @@ def test_profile_control_and_loss_rerun_profile_selection_and_its_methods(comple
     expect = ({("profile", "profile"), ("select", "select/selection.json")}
               | train_and_eval(cfg, selective) | REPORT)
     assert jobs == expect
+
+
+def test_evaluation_setting_reruns_every_evaluation_and_the_report(completed):
+    """`evaluate.candidates` (the fact-level ranking) changes what evaluation scores, not
+    what trains."""
+    _, _, cfg = completed
+    jobs = dry_run_with(completed, {"evaluate": {"candidates": 5}})
+    evals = {j for j in train_and_eval(cfg, cfg["train"]["methods"]) if j[0] == "evaluate"}
+    assert jobs == evals | {("evaluate_base", f"eval/base/P{p}") for p in periods(cfg)} | REPORT
+
+
+def test_negative_control_setting_reruns_only_the_control(completed):
+    _, _, cfg = completed
+    assert cfg["train"]["methods"]["negative_control"]["permute_objects"]["seed"] != 1
+    jobs = dry_run_with(completed, {"train": {"methods": {"negative_control": {"permute_objects": {"seed": 1}}}}})
+    assert jobs == train_and_eval(cfg, ["negative_control"]) | REPORT
