@@ -40,7 +40,8 @@ STAGES = {
     "attention": ("gradloc.attention", [("large", "the larger model (the base model)"),
                                         ("small", "the smaller model, same tokenizer"), ("tokens", "tokens folder"),
                                         ("tagged", "tagged folder (entity mentions, for the marks)"),
-                                        ("probes", "probes folder (objects, for the marks)"),
+                                        ("corpus", "corpus folder (its triples' objects, for the marks)"),
+                                        ("probes", "no longer read: refused, use --corpus"),
                                         ("period", "update period index"), ("out", "output folder")]),
     "subnet": ("gradloc.subnet", [("model", "base model folder"), ("probes", "probes folder"),
                                   ("tokens", "tokens folder"), ("out", "output folder")]),
@@ -54,7 +55,8 @@ STAGES = {
                                 ("state", "folder(s) for resumable training state, one per seed"),
                                 ("gpus", "GPUs the job asked for (0: any device); fail if fewer are visible"),
                                 ("tagged", "tagged folder (token_weighting: entity mentions)"),
-                                ("probes", "probes folder (token_weighting: probe objects)"),
+                                ("corpus", "corpus folder (token_weighting: fact objects from its triples)"),
+                                ("probes", "no longer read: refused, use --corpus"),
                                 ("weighting_model", "weighting model folder (token_weighting camels)"),
                                 ("subnet", "subnet folder (layers: subnet, mask: subnet)"),
                                 ("out", "output folder(s), one per seed")]),
@@ -83,7 +85,7 @@ SEVERAL_ARGS = {("evaluate", "model"), ("evaluate", "out"), ("train", "seed"), (
                 ("train", "out")}
 INT_ARGS = {"period", "seed", "gpus"}
 OPTIONAL_ARGS = {"selection", "state", "gpus", "tokenizer", "attention", ("attention", "probes"), ("train", "probes"),
-                 ("train", "tagged"), ("train", "weighting_model"), ("train", "subnet"), ("report", "weighting"),
+                 ("train", "corpus"), ("train", "tagged"), ("train", "weighting_model"), ("train", "subnet"), ("report", "weighting"),
                  ("report", "subnet"), ("evaluate", "method"), ("evaluate", "seed"), ("evaluate", "period"),
                  ("profile", "tagged")}  # name or (stage, name)
 

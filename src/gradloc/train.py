@@ -115,13 +115,18 @@ def period_docs(tokens, period: int) -> tuple[list[np.ndarray], list[np.ndarray]
 # --- the stage ------------------------------------------------------------------------------
 
 def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None, out="train", gpus=0,
-        attention=None, tagged=None, probes=None, weighting_model=None, subnet=None):
+        attention=None, tagged=None, probes=None, weighting_model=None, subnet=None, corpus=None):
     """Train one method on one period: from `init` into `out` (metrics returned). With a
     list of seeds, one training per seed in turn, in this process (the workflow's
     `train.group_seeds`: a small model's job is half torch/transformers imports); `init`
-    (one for all, or one per seed), `state` and `out` are then lists in seed order."""
+    (one for all, or one per seed), `state` and `out` are then lists in seed order.
+    `corpus`: its triples give the fact objects of token weighting's marks (`probes`, the
+    old input, is refused: training never reads the evaluation probes)."""
+    from .attention import no_probes
+
+    no_probes(probes, "train")
     if not isinstance(seed, (list, tuple)):
-        return train_one(params, init, tokens, selection, period, seed, state, out, gpus, attention, tagged, probes,
+        return train_one(params, init, tokens, selection, period, seed, state, out, gpus, attention, tagged, corpus,
                          weighting_model, subnet)
     n = len(seed)
     inits, outs = as_list(init), as_list(out)
@@ -132,11 +137,11 @@ def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None
         if len(values) != n:
             raise InputError(f"train: {n} seed(s) but {len(values)} {name} folder(s); give one per seed "
                              "(--init may also be one for all)")
-    return [train_one(params, i, tokens, selection, period, s, st, o, gpus, attention, tagged, probes,
+    return [train_one(params, i, tokens, selection, period, s, st, o, gpus, attention, tagged, corpus,
                       weighting_model, subnet) for s, i, st, o in zip(seed, inits, states, outs)]
 
 
-def train_one(params: dict, init, tokens, selection, period, seed, state, out, gpus, attention, tagged, probes,
+def train_one(params: dict, init, tokens, selection, period, seed, state, out, gpus, attention, tagged, corpus,
               weighting_model, subnet) -> dict:
     from accelerate.utils import set_seed
 
@@ -166,7 +171,7 @@ def train_one(params: dict, init, tokens, selection, period, seed, state, out, g
     if tw and tagged:  # entity/object tokens: salient_spans' weights and the weights' summary
         from .attention import marks, spans_of
 
-        texts, spans = spans_of(rows_p, tagged, probes, period)
+        texts, spans = spans_of(rows_p, tagged, corpus, period)
         marked = marks(tokenizer, texts, diff_docs, spans)
     if "augment" in cfg["method"]:  # token-dropout copies beside each document (methods/augment.py)
         diff_docs, extra, masks = augmented(diff_docs, cfg["method"]["augment"], attention, toks, tokenizer, seed,
@@ -195,7 +200,7 @@ def train_one(params: dict, init, tokens, selection, period, seed, state, out, g
     optimizer = methods.make_optimizer(prepared, cfg["lr"], cfg["weight_decay"])
     scheduler = engine.make_scheduler(optimizer, cfg["schedule"], total_steps, int(cfg["warmup_ratio"] * total_steps),
                                       W)
-    fp = engine.fingerprint(cfg, [init, tokens, selection, attention, tagged, probes, weighting_model, subnet], period,
+    fp = engine.fingerprint(cfg, [init, tokens, selection, attention, tagged, corpus, weighting_model, subnet], period,
                             seed, W)
     model, optimizer, progress = engine.fit(
         accelerator, prepared.model, optimizer, scheduler, data, engine.StepBatches(rows, total_steps, A, W),

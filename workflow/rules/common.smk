@@ -117,18 +117,19 @@ def uses_camels():
 
 
 def weighting_inputs(w):
-    """Token-weighting methods read the tagged mentions and probes (salient tokens and the
-    weights' summary); camels also the meta-trained weighting model."""
+    """Token-weighting methods read the tagged mentions and the corpus' triples (salient
+    tokens and the weights' summary; never the evaluation probes); camels also the
+    meta-trained weighting model."""
     if "token_weighting" not in config["train"]["methods"][w.method]:
         return {}
-    out = {"tagged": f"{R}/tagged", "probes": f"{R}/probes"}
+    out = {"tagged": f"{R}/tagged", "corpus": f"{R}/corpus"}
     if weighting_kind(w.method) == "camels":
         out["weighting_model"] = f"{R}/weighting_model"
     return out
 
 
 def weighting_args(w, input):
-    return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in ("tagged", "probes", "weighting_model")
+    return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in ("tagged", "corpus", "weighting_model")
                     if k in input.keys())
 
 
