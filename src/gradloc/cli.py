@@ -43,7 +43,10 @@ STAGES = {
                                         ("corpus", "corpus folder (its triples' objects, for the marks)"),
                                         ("probes", "no longer read: refused, use --corpus"),
                                         ("period", "update period index"), ("out", "output folder")]),
-    "subnet": ("gradloc.subnet", [("model", "base model folder"), ("probes", "probes folder"),
+    "subnet": ("gradloc.subnet", [("model", "base model folder"),
+                                  ("corpus", "corpus folder (its triples: the facts, with subnet.facts: corpus)"),
+                                  ("probes", "probes folder (subjects to leave out; the facts with subnet.facts: "
+                                             "probes)"),
                                   ("tokens", "tokens folder"), ("out", "output folder")]),
     "select": ("gradloc.select", [("profile", "profile folder"), ("out", "selection JSON file")]),
     "train": ("gradloc.train", [("init", "checkpoint(s) to start from (base model or previous period): one "
@@ -87,7 +90,7 @@ INT_ARGS = {"period", "seed", "gpus"}
 OPTIONAL_ARGS = {"selection", "state", "gpus", "tokenizer", "attention", ("attention", "probes"), ("train", "probes"),
                  ("train", "corpus"), ("train", "tagged"), ("train", "weighting_model"), ("train", "subnet"), ("report", "weighting"),
                  ("report", "subnet"), ("evaluate", "method"), ("evaluate", "seed"), ("evaluate", "period"),
-                 ("profile", "tagged")}  # name or (stage, name)
+                 ("profile", "tagged"), ("subnet", "corpus")}  # name or (stage, name)
 
 
 def parse_params(text: str) -> dict:

@@ -54,6 +54,20 @@ def subject_articles(docs: pd.DataFrame, entities: pd.DataFrame | None,
 
 # --- the corpus' triples as fact sets ----------------------------------------------------------
 
+def default_prefix(subject: str, relation: str) -> str:
+    """For triples without a template: TemporalWiki scores "subject relation object"."""
+    return f"{subject} {relation.replace('_', ' ')}"
+
+
+def prefix_function(source: str):
+    """The probes' wording of a (subject, relation) cloze prefix for a corpus `source`."""
+    if source == "synthetic":
+        # The synthetic world phrases probes differently from its documents.
+        from .data.synthetic import probe_prefix
+        return probe_prefix
+    return default_prefix
+
+
 def read_triples(corpus) -> pd.DataFrame:
     """`corpus/triples.parquet` with string columns; an empty table when the corpus has
     none (TemporalWiki ships probes, not triples)."""

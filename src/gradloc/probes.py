@@ -35,7 +35,8 @@ import pandas as pd
 from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet
 from . import schema
 from .split import stable_unit
-from .facts import FACT_COLUMNS, _facts, fact_sets, subject_articles  # noqa: F401 (fact_sets: re-exported)
+from .facts import (FACT_COLUMNS, _facts, default_prefix, fact_sets, prefix_function,  # noqa: F401 (re-exported)
+                    subject_articles)
 
 log = logging.getLogger(__name__)
 
@@ -133,19 +134,6 @@ def _has_articles(articles: dict, period: int, snapshot: int) -> bool:
 
 
 # --- prefixes and assembly ---------------------------------------------------------------------
-
-def default_prefix(subject: str, relation: str) -> str:
-    """For triples without a template: TemporalWiki scores "subject relation object"."""
-    return f"{subject} {relation.replace('_', ' ')}"
-
-
-def prefix_function(source: str):
-    if source == "synthetic":
-        # The synthetic world phrases probes differently from its documents.
-        from .data.synthetic import probe_prefix
-        return probe_prefix
-    return default_prefix
-
 
 def _probe_id(period: int, name: str, subject_id: str, relation: str, obj: str) -> str:
     digest = hashlib.sha1(f"{subject_id}\x1f{relation}\x1f{obj}".encode()).hexdigest()[:12]

@@ -44,6 +44,12 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out, subne
     if not vs_full.empty:  # method minus full with 95% intervals (issue 11): extra columns
         result = result.merge(vs_full, on=["method", "period"], how="left")
 
+    labels = oracle_labels(subnet, trains)  # subnet.facts: probes: the subnet methods saw the test facts
+    if labels:
+        result["method"], logs["method"] = result["method"].replace(labels), logs["method"].replace(labels)
+        order = [labels.get(m, m) for m in order]
+        vs_full = vs_full.assign(method=vs_full["method"].replace(labels)) if not vs_full.empty else vs_full
+
     sub = None
     if subnet is not None:  # knowledge-critical subnetworks vs the gradient profile
         removal = table.removal_table(read_table(Path(subnet) / "removal.csv"))
@@ -76,6 +82,22 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out, subne
     log.info("report: %d methods (incl. base), %d periods, %d seeds, %d eval folders, %d train logs -> %s "
              "(table %d rows, 3 figures)", len(order), evals_df["period"].nunique(), n_seeds, len(evals_df),
              logs.groupby(["method", "seed", "period"]).ngroups if not logs.empty else 0, out, len(result))
+
+
+def oracle_labels(subnet, trains: list) -> dict[str, str]:
+    """{method: "method (oracle)"} for the methods that train by the subnetwork (`layers`
+    or `mask: subnet`) when its masks were trained on the evaluation probes
+    (`subnet/metrics.json` says `oracle: true`); else {}."""
+    path = Path(subnet) / "metrics.json" if subnet is not None else None
+    if path is None or not path.exists() or not read_json(path).get("oracle"):
+        return {}
+    out = {}
+    for t in trains:
+        m = read_json(Path(t) / "metrics.json")
+        c = m.get("method_config") or {}
+        if "subnet" in (c.get("layers"), c.get("mask")):
+            out[m["method"]] = f"{m['method']} (oracle)"
+    return out
 
 
 def weighting_report(trains: list, weighting, path: Path, dpi: int) -> str:
