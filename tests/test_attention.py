@@ -87,7 +87,8 @@ def test_long_documents_are_scored_in_windows_with_leading_ids():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A large and a small model with one tokenizer, tagged text with mentions, probes, tokens."""
+    """A large and a small model with one tokenizer, tagged text with mentions, the corpus'
+    triples, tokens."""
     root = tmp_path_factory.mktemp("attn")
     save_model(tiny_gpt2(96, n_layer=3, initializer_range=0.2), char_tokenizer(), root / "base_model" / "model")
     save_model(tiny_gpt2(96, n_layer=1, seed=1), char_tokenizer(), root / "small_model" / "model")
@@ -100,11 +101,15 @@ def world(tmp_path_factory):
     df.to_parquet(root / "tagged" / "sequences.parquet")
     pd.DataFrame({"seq_id": [f"s{i}" for i in range(6, 12)], "period": 1, "entity_id": "alice",
                   "start": 7, "end": 12}).to_parquet(root / "tagged" / "mentions.parquet")
-    (root / "probes").mkdir()
-    pd.DataFrame({"period": [1], "object": ["Acme"]}).to_parquet(root / "probes" / "probes.parquet")
+    # Alice's employer in snapshot 1 is marked where a sequence mentions her; Bob's founding
+    # year is not (he is not mentioned), nor Alice's T0 employer
+    (root / "corpus").mkdir()
+    pd.DataFrame({"snapshot": [0, 1, 1], "subject_id": ["alice", "alice", "bob"], "subject": ["Alice", "Alice", "Bob"],
+                  "relation": ["employer", "employer", "founded"], "object": ["works", "Acme", "2000"]}).to_parquet(
+        root / "corpus" / "triples.parquet")
     make_tokens(root / "base_model", root / "tagged", root / "tokens")
     attention.run({"batch_size": 4}, large=root / "base_model", small=root / "small_model",
-                  tokens=root / "tokens", tagged=root / "tagged", probes=root / "probes", period=1,
+                  tokens=root / "tokens", tagged=root / "tagged", corpus=root / "corpus", period=1,
                   out=root / "attention" / "P1")
     return root
 
@@ -124,6 +129,12 @@ def test_stage_writes_scores_and_marks_aligned_with_the_tokens(world):
     assert not np.allclose(s["large"][0], s["small"][0])
     with pytest.raises(InputError, match="period"):
         attention.load(world / "attention" / "P1", toks, 2)
+
+
+def test_the_old_probes_input_is_refused_naming_the_corpus(world, tmp_path):
+    with pytest.raises(InputError, match="--probes is no longer read.*--corpus"):
+        attention.run({}, large=world / "base_model", small=world / "small_model", tokens=world / "tokens",
+                      tagged=world / "tagged", probes=world / "probes", period=1, out=tmp_path / "a")
 
 
 def test_different_tokenizers_are_refused(world, tmp_path):

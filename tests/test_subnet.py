@@ -10,6 +10,7 @@ import torch
 from helpers import tiny_gpt2, word_tokenizer
 
 from gradloc import schema, subnet
+from gradloc.io import InputError
 
 torch.set_num_threads(1)
 
@@ -135,3 +136,60 @@ def test_localization_rank_correlation():
     row = corr.iloc[0]
     assert row["spearman"] == pytest.approx(1.0) and row["hi"] == pytest.approx(1.0) and row["lo"] <= 1.0
     assert row["top_density"] == row["top_rel"] == "block.2"
+
+
+# --- which facts the masks train on ----------------------------------------------------------
+
+def corpus_world(tmp_path, probed=("A", "B")):
+    """Six subjects over two snapshots, each changing its city in period 1; `probed` carry
+    evaluation probes. The corpus is 'local' (default wording: 'subject relation')."""
+    from gradloc.io import write_json
+
+    rows = [(k, s, s, rel, obj) for s in "ABCDEF" for k, rel, obj in
+            ((0, "city", f"{s}-old"), (1, "city", f"{s}-new"), (0, "job", f"{s}-job"), (1, "job", f"{s}-job"))]
+    (tmp_path / "corpus").mkdir()
+    pd.DataFrame(rows, columns=["snapshot", "subject_id", "subject", "relation", "object"]).to_parquet(
+        tmp_path / "corpus" / "triples.parquet")
+    write_json({"source": "local"}, tmp_path / "corpus" / "manifest.json")
+    probes = pd.DataFrame([{"period": 1, "set": st, "subject_id": s, "relation": "city", "object": f"{s}-{o}",
+                            "prefix": f"Where is {s}?", "statement": f"Where is {s}? {s}-{o}"}
+                           for s in probed for st, o in (("updated", "new"), ("outdated", "old"))])
+    return tmp_path / "corpus", probes
+
+
+def test_mask_facts_come_from_the_corpus_about_unprobed_subjects(tmp_path):
+    corpus, probes = corpus_world(tmp_path)
+    p = schema.fill("subnet", {"periods": [1], "n_control": 2})
+    f = subnet.corpus_facts(p, corpus, probes)
+    assert set(f["subject_id"]) == set("CDEF")  # A and B are evaluated: never mask facts
+    out = f[f["set"] == "outdated"].sort_values("subject_id")
+    assert list(out["object"])[:2] == ["C-old", "D-old"] and list(out["statement"])[0] == "C city C-old"
+    assert set(f.loc[f["set"] == "unchanged", "object"]) == {f"{s}-job" for s in "CDEF"}
+    sets, control = subnet.knowledge_sets(p, f.assign(probe_id=f.index.astype(str)), None)
+    assert len(sets["outdated_P1"]) == 4 and len(control) == 2 and len(sets["unchanged_P1"]) == 2
+    assert subnet.overlap(probes, pd.concat([*sets.values(), control])) == {
+        "eval_probes_sharing_a_fact": 0, "eval_probes_sharing_a_subject": 0}
+    # the old way, on the probes themselves: every outdated probe is a mask fact
+    assert subnet.overlap(probes, probes[probes["set"] == "outdated"])["eval_probes_sharing_a_fact"] == 2
+
+
+def test_no_unprobed_facts_fail_naming_the_oracle_option(tmp_path):
+    corpus, probes = corpus_world(tmp_path, probed="ABCDEF")
+    with pytest.raises(InputError, match="no facts of period 1 .*subnet.facts: probes"):
+        subnet.corpus_facts(schema.fill("subnet", {"periods": [1]}), corpus, probes)
+
+
+def test_report_labels_subnet_methods_oracle_only_when_the_masks_saw_the_probes(tmp_path):
+    from gradloc.io import write_json
+    from gradloc.report import oracle_labels
+
+    trains = []
+    for name, cfg in (("full", {}), ("sub", {"layers": "subnet"}), ("sub_mask", {"mask": "subnet"})):
+        (tmp_path / name).mkdir()
+        write_json({"method": name, "method_config": cfg}, tmp_path / name / "metrics.json")
+        trains.append(tmp_path / name)
+    (tmp_path / "subnet").mkdir()
+    write_json({"oracle": False}, tmp_path / "subnet" / "metrics.json")
+    assert oracle_labels(tmp_path / "subnet", trains) == {}
+    write_json({"oracle": True}, tmp_path / "subnet" / "metrics.json")
+    assert oracle_labels(tmp_path / "subnet", trains) == {"sub": "sub (oracle)", "sub_mask": "sub_mask (oracle)"}

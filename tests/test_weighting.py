@@ -52,6 +52,12 @@ def world(tmp_path_factory):
                 "object": "Town3"}]
     (root / "probes").mkdir()
     pd.DataFrame(probes).to_parquet(root / "probes" / "probes.parquet")
+    # the corpus' facts: salient spans mark their objects, never the probes' (which train cannot see)
+    triples = [{"snapshot": k, "subject_id": n, "subject": n, "relation": "residence",
+                "object": f"Port{i}" if k == 1 and i < 3 else f"Town{i % 4}"}
+               for k in (0, 1) for i, n in enumerate(names)]
+    (root / "corpus").mkdir()
+    pd.DataFrame(triples).to_parquet(root / "corpus" / "triples.parquet")
     make_tokens(root / "base_model", root / "tagged", root / "tokens")
     metatrain.run(CAMELS, base=root / "base_model", backbone=root / "small_model", tokens=root / "tokens",
                   tagged=root / "tagged", probes=root / "probes", out=root / "weighting_model")
@@ -171,7 +177,7 @@ def test_uptake_entities_are_left_out_of_meta_training(world):
 def run_train(world, out, method, **kw):
     params = {"name": "m", "common": COMMON, "method": method}
     return train.run(params, init=world / "base_model", tokens=world / "tokens", period=1, seed=0, out=out,
-                     tagged=world / "tagged", probes=world / "probes", selection=kw.pop("selection", None), **kw)
+                     tagged=world / "tagged", corpus=world / "corpus", selection=kw.pop("selection", None), **kw)
 
 
 def test_baseline_weights():
@@ -226,6 +232,11 @@ def test_salient_spans_with_tgl_fp_and_camels_train(world, tmp_path):
     assert m["token_weighting"]["all"]["ratio"] > 0
     with pytest.raises(InputError, match="weighting-model"):
         run_train(world, tmp_path / "x", {"token_weighting": {"kind": "camels"}})
+
+
+def test_train_refuses_the_old_probes_input_naming_the_corpus(world, tmp_path):
+    with pytest.raises(InputError, match="--probes is no longer read.*--corpus"):
+        run_train(world, tmp_path / "x", {"token_weighting": {"kind": "salient_spans"}}, probes=world / "probes")
 
 
 def test_camels_refuses_a_weighting_model_with_another_tokenizer(world, tmp_path):

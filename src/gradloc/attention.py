@@ -18,7 +18,9 @@ Documents longer than `seq_len` are scored in consecutive windows; the tokenizer
 leading special ids (BOS for Llama) are put before each window and not scored.
 
 Outputs `attention/P{period}/`: `large.npy`, `small.npy` (float32) and `marked.npy`
-(uint8: 1 where the token lies in an entity mention or a probe object of this period),
+(uint8: 1 where the token lies in an entity mention or an object of a fact of this
+period, in the corpus' triples, whose subject the sequence mentions; never read from the
+evaluation probes),
 one value per token of the period's `split == train` documents, back to back in
 `tokens/docs.parquet` order; `meta.json` (period, n_docs, n_tokens, the tokenizer's
 fingerprint, both models, window length, time and tokens/s).
@@ -132,20 +134,23 @@ def marks(tokenizer, texts: list[str], ids: list[np.ndarray], spans: list[list[t
     return out
 
 
-def spans_of(rows: pd.DataFrame, tagged, probes, period: int) -> tuple[list[str], list[list[tuple[int, int]]]]:
-    """(text, [entity mention spans + probe object occurrences]) of each row's sequence."""
+def spans_of(rows: pd.DataFrame, tagged, corpus, period: int) -> tuple[list[str], list[list[tuple[int, int]]]]:
+    """(text, [entity mention spans + fact object occurrences]) of each row's sequence.
+    Fact objects are those of the corpus' triples of snapshot `period` whose subject the
+    sequence mentions (`tagged/mentions.parquet`); every occurrence in the text counts.
+    The evaluation probes are not read: no test answer marks a token."""
+    from .facts import read_triples, subject_objects
+
     seqs = read_table(Path(tagged) / "sequences.parquet", ["seq_id", "text"]).set_index("seq_id")["text"]
-    mentions = read_table(Path(tagged) / "mentions.parquet", ["seq_id", "start", "end"])
+    mentions = read_table(Path(tagged) / "mentions.parquet", ["seq_id", "entity_id", "start", "end"])
     by_seq = mentions.groupby("seq_id")[["start", "end"]].apply(lambda g: list(zip(g["start"], g["end"])))
-    objects = set()
-    if probes:
-        pr = read_table(Path(probes) / "probes.parquet", ["period", "object"])
-        objects = {o for o in pr.loc[pr["period"] == period, "object"].astype(str) if len(o) >= 2}
+    subjects = mentions.groupby("seq_id")["entity_id"].apply(lambda g: sorted(set(g.astype(str))))
+    objects_of = subject_objects(read_triples(corpus), int(period)) if corpus else {}
     texts, spans = [], []
     for sid in rows["seq_id"]:
         text = str(seqs.get(sid, ""))
         sp = list(by_seq.get(sid, []))
-        for o in objects:
+        for o in sorted({o for e in subjects.get(sid, []) for o in objects_of.get(e, [])}):
             start = text.find(o)
             while start >= 0:
                 sp.append((start, start + len(o)))
@@ -153,6 +158,13 @@ def spans_of(rows: pd.DataFrame, tagged, probes, period: int) -> tuple[list[str]
         texts.append(text)
         spans.append(sp)
     return texts, spans
+
+
+def no_probes(probes, stage: str) -> None:
+    """The old `--probes` input: refused, naming what replaced it."""
+    if probes:
+        raise InputError(f"{stage}: --probes is no longer read (the marks must not see the evaluation probes' "
+                         "objects); pass --corpus (the corpus folder: its triples give the fact objects)")
 
 
 # --- the stage ------------------------------------------------------------------------------
@@ -168,9 +180,10 @@ def load_pair(large, small):
     return lm.float().eval(), sm.float().eval(), ltok
 
 
-def run(params: dict, large, small, tokens, tagged, probes=None, period=1, out="attention") -> None:
+def run(params: dict, large, small, tokens, tagged, probes=None, period=1, out="attention", corpus=None) -> None:
     from .basemodel import device
 
+    no_probes(probes, "attention")
     p = schema.fill("attention", params, where="attention params")
     p.pop("small_model", None)
     period, dev = int(period), device()
@@ -190,7 +203,7 @@ def run(params: dict, large, small, tokens, tagged, probes=None, period=1, out="
         result[name] = np.concatenate(score_docs(model, docs, seq_len, p["batch_size"], lead, pad, dev))
         model.cpu()
     elapsed = time.time() - started
-    texts, spans = spans_of(rows, tagged, probes, period)
+    texts, spans = spans_of(rows, tagged, corpus, period)
     marked = np.concatenate(marks(tokenizer, texts, docs, spans))
     with atomic_output(out) as tmp:
         np.save(tmp / "large.npy", result["large"])

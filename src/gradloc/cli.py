@@ -40,9 +40,13 @@ STAGES = {
     "attention": ("gradloc.attention", [("large", "the larger model (the base model)"),
                                         ("small", "the smaller model, same tokenizer"), ("tokens", "tokens folder"),
                                         ("tagged", "tagged folder (entity mentions, for the marks)"),
-                                        ("probes", "probes folder (objects, for the marks)"),
+                                        ("corpus", "corpus folder (its triples' objects, for the marks)"),
+                                        ("probes", "no longer read: refused, use --corpus"),
                                         ("period", "update period index"), ("out", "output folder")]),
-    "subnet": ("gradloc.subnet", [("model", "base model folder"), ("probes", "probes folder"),
+    "subnet": ("gradloc.subnet", [("model", "base model folder"),
+                                  ("corpus", "corpus folder (its triples: the facts, with subnet.facts: corpus)"),
+                                  ("probes", "probes folder (subjects to leave out; the facts with subnet.facts: "
+                                             "probes)"),
                                   ("tokens", "tokens folder"), ("out", "output folder")]),
     "select": ("gradloc.select", [("profile", "profile folder"), ("out", "selection JSON file")]),
     "train": ("gradloc.train", [("init", "checkpoint(s) to start from (base model or previous period): one "
@@ -54,10 +58,11 @@ STAGES = {
                                 ("state", "folder(s) for resumable training state, one per seed"),
                                 ("gpus", "GPUs the job asked for (0: any device); fail if fewer are visible"),
                                 ("tagged", "tagged folder (token_weighting: entity mentions)"),
-                                ("probes", "probes folder (token_weighting: probe objects)"),
+                                ("corpus", "corpus folder (its triples: token_weighting's fact objects, "
+                                           "permute_objects' facts)"),
+                                ("probes", "no longer read: refused, use --corpus"),
                                 ("weighting_model", "weighting model folder (token_weighting camels)"),
                                 ("subnet", "subnet folder (layers: subnet, mask: subnet)"),
-                                ("corpus", "corpus folder (permute_objects: the period's triples)"),
                                 ("out", "output folder(s), one per seed")]),
     "metatrain": ("gradloc.metatrain", [("base", "base model folder"),
                                         ("backbone", "small model with the base model's tokenizer"),
@@ -84,9 +89,9 @@ SEVERAL_ARGS = {("evaluate", "model"), ("evaluate", "out"), ("train", "seed"), (
                 ("train", "out")}
 INT_ARGS = {"period", "seed", "gpus"}
 OPTIONAL_ARGS = {"selection", "state", "gpus", "tokenizer", "attention", ("attention", "probes"), ("train", "probes"),
-                 ("train", "tagged"), ("train", "weighting_model"), ("train", "subnet"), ("train", "corpus"), ("report", "weighting"),
+                 ("train", "corpus"), ("train", "tagged"), ("train", "weighting_model"), ("train", "subnet"), ("report", "weighting"),
                  ("report", "subnet"), ("evaluate", "method"), ("evaluate", "seed"), ("evaluate", "period"),
-                 ("profile", "tagged")}  # name or (stage, name)
+                 ("profile", "tagged"), ("subnet", "corpus")}  # name or (stage, name)
 
 
 def parse_params(text: str) -> dict:

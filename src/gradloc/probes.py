@@ -35,7 +35,8 @@ import pandas as pd
 from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet
 from . import schema
 from .split import stable_unit
-from .facts import subject_articles
+from .facts import (FACT_COLUMNS, _facts, default_prefix, fact_sets, prefix_function,  # noqa: F401 (re-exported)
+                    subject_articles)
 from .factlevel import constant_objects
 
 log = logging.getLogger(__name__)
@@ -43,41 +44,12 @@ log = logging.getLogger(__name__)
 # `changed`: TemporalWiki's own set (new and updated facts together), kept as shipped when
 # the corpus has no evidence to tell new from updated entities (data/temporalwiki.py).
 SETS = ("unchanged", "updated", "new", "outdated", "changed")
-FACT_COLUMNS = ["subject_id", "subject", "relation", "object"]
 PROBE_COLUMNS = ["probe_id", "period", "set", "subject_id", "subject", "relation", "object", "prefix", "statement",
                  "paraphrase", "subject_status", "constant_object"]
 
 
 def with_defaults(params: dict | None) -> dict:
     return schema.fill("probes", params, where="probes")
-
-
-# --- probe sets from triples -----------------------------------------------------------------
-
-def _facts(triples: pd.DataFrame, snapshot: int) -> pd.DataFrame:
-    t = triples[triples["snapshot"] == snapshot]
-    return t[FACT_COLUMNS].drop_duplicates(["subject_id", "relation", "object"]).reset_index(drop=True)
-
-
-def fact_sets(triples: pd.DataFrame, k: int) -> dict[str, pd.DataFrame]:
-    """Candidate facts of update period k, before filters. `outdated` has one row per
-    (subject, relation) that has an updated fact, holding the object(s) it replaced."""
-    before, now = _facts(triples, k - 1), _facts(triples, k)
-    key = ["subject_id", "relation", "object"]
-    in_before = now.merge(before[key], on=key, how="left", indicator=True)["_merge"].eq("both").to_numpy()
-    known_subject = now["subject_id"].isin(set(before["subject_id"])).to_numpy()
-    sets = {
-        "unchanged": now[in_before],
-        "updated": now[~in_before & known_subject],
-        "new": now[~known_subject],
-    }
-    # Old objects of an updated (subject, relation) that are gone in k. A relation that
-    # is new for the subject has no old object, so no outdated probe.
-    gone = before.merge(now[key], on=key, how="left", indicator=True)
-    gone = gone[gone["_merge"] == "left_only"].drop(columns="_merge")
-    sets["outdated"] = gone.merge(sets["updated"][["subject_id", "relation"]].drop_duplicates(),
-                                  on=["subject_id", "relation"])
-    return {s: df.reset_index(drop=True) for s, df in sets.items()}
 
 
 # --- filters ---------------------------------------------------------------------------------
@@ -164,19 +136,6 @@ def _has_articles(articles: dict, period: int, snapshot: int) -> bool:
 
 
 # --- prefixes and assembly ---------------------------------------------------------------------
-
-def default_prefix(subject: str, relation: str) -> str:
-    """For triples without a template: TemporalWiki scores "subject relation object"."""
-    return f"{subject} {relation.replace('_', ' ')}"
-
-
-def prefix_function(source: str):
-    if source == "synthetic":
-        # The synthetic world phrases probes differently from its documents.
-        from .data.synthetic import probe_prefix
-        return probe_prefix
-    return default_prefix
-
 
 def paraphrase_function(source: str):
     """A second probe wording of the same question (the synthetic world's template 1), or

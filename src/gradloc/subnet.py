@@ -14,10 +14,21 @@ Adam on the mask logits s only (the LM's weights never change), through the shar
 engine (`engine.fit`: accelerate, get_scheduler with warm-up).
 
 Knowledge sets, per update period k in `periods`: `outdated_P{k}` = the T0 facts that
-change in period k (probes set `outdated`); and once, for the first listed period k,
-`unchanged_P{k}` = T0 facts still true after period k. Control facts are other
-unchanged facts, disjoint from both; the LM control and the held-out perplexity use
-disjoint samples of base (T0) text.
+change in period k; and once, for the first listed period k, `unchanged_P{k}` = T0 facts
+still true after period k. Control facts are other unchanged facts, disjoint from both;
+the LM control and the held-out perplexity use disjoint samples of base (T0) text.
+
+Where the facts come from (`facts`): `corpus` (default) takes them from the corpus'
+triples (`facts.fact_sets`: `outdated` and `unchanged` of period k), about subjects that
+no evaluation probe (any set, any period >= 1) asks about, worded like the probes
+(`facts.prefix_function`). So the period's changed facts fall in two parts: the facts of
+probed subjects, on which the methods are evaluated, and those of the others, on which
+the masks train; the split is the world's own, seeded (in the synthetic world the
+"probe-worded" half of the entities, `data.synthetic`, is never probed). The probes
+folder is read for its subject ids only, and to count how many evaluation probes share a
+subject or a fact with the mask's facts (`metrics.json`; 0 by construction). `probes`:
+the old way, the evaluation probes' own `outdated` and `unchanged` sets; `metrics.json`
+then says `oracle: true` and the report labels the subnet methods "(oracle)".
 
 Outputs (docs/formats.md): `masks/<set>_seed<s>.npz` (bit-packed, `numpy.packbits`),
 `density.csv` (per layer and per module), `removal.csv` (the subnetwork removed, a
@@ -39,7 +50,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import engine, schema
-from .io import InputError, atomic_output, read_table, write_json
+from .io import InputError, atomic_output, read_json, read_table, write_json
 from .models import checkpoint_dir, find_blocks, layer_units, load_model, max_positions
 from .scoring import encode_probe, ids_logprob, pad_batch, perplexity, score_probes, summarize
 from .tokens import load as load_tokens
@@ -277,8 +288,9 @@ def removal_metrics(lm, tokenizer, target, control, heldout, batch_size: int) ->
 # --- the stage --------------------------------------------------------------------------------
 
 def knowledge_sets(params, probes_df: pd.DataFrame, known: set | None) -> tuple[dict, pd.DataFrame]:
-    """({set name: target facts}, control facts). Facts are deduplicated by statement;
-    with `known`, only statements the base model answers (top-1) are kept."""
+    """({set name: target facts}, control facts) from probe-like rows (`period`, `set`,
+    `prefix`, `object`, `statement`). Facts are deduplicated by statement; with `known`,
+    only statements the base model answers (top-1) are kept."""
     rng = np.random.default_rng(params["sample_seed"])
 
     def facts(df):
@@ -292,7 +304,8 @@ def knowledge_sets(params, probes_df: pd.DataFrame, known: set | None) -> tuple[
     for k in params["periods"]:
         pr = probes_df[probes_df["period"] == k]
         if pr.empty:
-            raise InputError(f"subnet.periods: no probes for period {k}")
+            raise InputError(f"subnet.periods: no {'probes' if params['facts'] == 'probes' else 'facts'} "
+                             f"for period {k}")
         sets[f"outdated_P{k}"] = facts(pr[pr["set"] == "outdated"])
         unchanged_pools[k] = facts(pr[pr["set"] == "unchanged"])
     # control: unchanged in every period, shared by all sets; the unchanged targets come
@@ -310,25 +323,82 @@ def knowledge_sets(params, probes_df: pd.DataFrame, known: set | None) -> tuple[
     sets = {name: sample(df, params["n_facts"]) for name, df in sets.items()}
     for name, df in {**sets, "control": control}.items():
         if len(df) < 2:
-            raise InputError(f"subnet: only {len(df)} {name} facts{' the base model knows' if known else ''}")
+            where = ("" if params["facts"] == "probes" else
+                     " (from the corpus' triples, about subjects no evaluation probe asks about; set "
+                     "subnet.facts: probes to train on the evaluation probes, labelled oracle)")
+            raise InputError(f"subnet: only {len(df)} {name} facts{' the base model knows' if known else ''}{where}")
     return sets, control
 
 
-def run(params: dict, model, probes, tokens, out) -> None:
+def corpus_facts(params, corpus, probes_df: pd.DataFrame) -> pd.DataFrame:
+    """Probe-like rows (period, set, subject_id, relation, prefix, object, statement) of
+    the periods' `outdated` and `unchanged` facts in the corpus' triples, about subjects
+    that no evaluation probe (period >= 1) asks about, in the probes' wording."""
+    from pathlib import Path
+
+    from .facts import fact_sets, prefix_function, read_triples
+
+    triples = read_triples(corpus)
+    prefix = prefix_function(read_json(Path(corpus) / "manifest.json").get("source", ""))
+    probed = set(probes_df.loc[probes_df["period"] >= 1, "subject_id"].astype(str))
+    rows = []
+    for k in params["periods"]:
+        sets = fact_sets(triples, k)
+        for name in ("outdated", "unchanged"):
+            f = sets[name][~sets[name]["subject_id"].isin(probed)]
+            rows += [{"period": k, "set": name, "subject_id": s, "relation": r, "prefix": prefix(n, r), "object": o}
+                     for s, n, r, o in f[["subject_id", "subject", "relation", "object"]].itertuples(index=False)]
+        if not any(r["period"] == k and r["set"] == "outdated" for r in rows):
+            raise InputError(f"subnet: {Path(corpus) / 'triples.parquet'}: no facts of period {k} that change "
+                             "about subjects without an evaluation probe, so no mask can train on facts the methods "
+                             "are not evaluated on; set subnet.facts: probes to train on the evaluation probes "
+                             "(the report then labels the subnet methods oracle)")
+    df = pd.DataFrame(rows)
+    return df.assign(statement=df["prefix"] + " " + df["object"])
+
+
+def overlap(probes_df: pd.DataFrame, mask_facts: pd.DataFrame) -> dict:
+    """How many evaluation probes (period >= 1) share a subject, or a whole fact, with the
+    facts the masks train on (targets and control)."""
+    ev = probes_df[probes_df["period"] >= 1]
+    key = list(zip(mask_facts["subject_id"].astype(str), mask_facts["relation"].astype(str),
+                   mask_facts["object"].astype(str)))
+    facts_ = set(key)
+    return {"eval_probes_sharing_a_fact": int(sum(
+                (s, r, o) in facts_ for s, r, o in zip(ev["subject_id"].astype(str), ev["relation"].astype(str),
+                                                      ev["object"].astype(str)))),
+            "eval_probes_sharing_a_subject": int(ev["subject_id"].astype(str).isin({k[0] for k in key}).sum())}
+
+
+def run(params: dict, model, probes, tokens, out, corpus=None) -> None:
     from pathlib import Path
 
     params = schema.fill("subnet", params, where="subnet")
     started = time.time()
     lm, tokenizer = load_model(checkpoint_dir(model))
     lm.eval().requires_grad_(False)
-    probes_df = read_table(Path(probes) / "probes.parquet", ["period", "set", "prefix", "object", "statement"])
-    probes_df = probes_df.assign(probe_id=probes_df.index.astype(str))
+    probes_df = read_table(Path(probes) / "probes.parquet",
+                           ["period", "set", "subject_id", "relation", "prefix", "object", "statement"])
+    oracle = params["facts"] == "probes"
+    if oracle:
+        fact_df = probes_df.assign(probe_id=probes_df.index.astype(str))
+        log.warning("subnet.facts: probes: the masks train on the evaluation probes (oracle)")
+    elif not corpus:
+        raise InputError("subnet: subnet.facts: corpus needs --corpus (the corpus folder: its triples)")
+    else:
+        fact_df = corpus_facts(params, corpus, probes_df)
+        fact_df = fact_df.assign(probe_id=fact_df.index.astype(str))
     known = None
     if params["known_only"]:
-        pool = probes_df[probes_df["period"].isin(params["periods"])].drop_duplicates("statement")
+        pool = fact_df[fact_df["period"].isin(params["periods"])].drop_duplicates("statement")
         scores = score_probes(lm, tokenizer, pool, params["batch_size"], progress=False)
         known = set(pool["statement"][scores["top1"].to_numpy()])
-    sets, control = knowledge_sets(params, probes_df, known)
+    sets, control = knowledge_sets(params, fact_df, known)
+    shared = overlap(probes_df, pd.concat([*sets.values(), control]))
+    if not oracle and any(shared.values()):  # cannot happen: the subjects were excluded
+        raise AssertionError(f"subnet: mask facts overlap the evaluation probes: {shared}")
+    log.info("subnet: facts from the %s: %s, control %d; %s", "evaluation probes (oracle)" if oracle else
+             "corpus' triples", {n: len(df) for n, df in sets.items()}, len(control), shared)
 
     toks = load_tokens(tokens, tokenizer)
     # Base text for the LM control and the held-out perplexity: T0 documents in a seeded
@@ -381,6 +451,8 @@ def run(params: dict, model, probes, tokens, out) -> None:
             tmp / "density.csv", index=False)
         pd.DataFrame(logs).to_csv(tmp / "train_log.csv", index=False)
         write_json({"params": params, "masked_weights": n_weights, "n_heldout": len(heldout), "n_lm": len(lm_seqs),
+                    "facts": params["facts"], "oracle": oracle,
+                    "n_facts": {**{n: len(df) for n, df in sets.items()}, "control": len(control)}, **shared,
                     "runs": runs, "wall_time_s": time.time() - started}, tmp / "metrics.json")
     log.info("subnet: %d sets x %d seeds in %.0f s -> %s", len(sets), len(params["seeds"]),
              time.time() - started, out)

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from . import engine, methods, schema
@@ -119,10 +120,15 @@ def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None
     """Train one method on one period: from `init` into `out` (metrics returned). With a
     list of seeds, one training per seed in turn, in this process (the workflow's
     `train.group_seeds`: a small model's job is half torch/transformers imports); `init`
-    (one for all, or one per seed), `state` and `out` are then lists in seed order."""
+    (one for all, or one per seed), `state` and `out` are then lists in seed order.
+    `corpus`: its triples give the fact objects of token weighting's marks (`probes`, the
+    old input, is refused: training never reads the evaluation probes)."""
+    from .attention import no_probes
+
+    no_probes(probes, "train")
     if not isinstance(seed, (list, tuple)):
-        return train_one(params, init, tokens, selection, period, seed, state, out, gpus, attention, tagged, probes,
-                         weighting_model, subnet, corpus)
+        return train_one(params, init, tokens, selection, period, seed, state, out, gpus, attention, tagged, corpus,
+                         weighting_model, subnet)
     n = len(seed)
     inits, outs = as_list(init), as_list(out)
     states = as_list(state) if state else [None] * n
@@ -132,12 +138,12 @@ def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None
         if len(values) != n:
             raise InputError(f"train: {n} seed(s) but {len(values)} {name} folder(s); give one per seed "
                              "(--init may also be one for all)")
-    return [train_one(params, i, tokens, selection, period, s, st, o, gpus, attention, tagged, probes,
-                      weighting_model, subnet, corpus) for s, i, st, o in zip(seed, inits, states, outs)]
+    return [train_one(params, i, tokens, selection, period, s, st, o, gpus, attention, tagged, corpus,
+                      weighting_model, subnet) for s, i, st, o in zip(seed, inits, states, outs)]
 
 
-def train_one(params: dict, init, tokens, selection, period, seed, state, out, gpus, attention, tagged, probes,
-              weighting_model, subnet, corpus=None) -> dict:
+def train_one(params: dict, init, tokens, selection, period, seed, state, out, gpus, attention, tagged, corpus,
+              weighting_model, subnet) -> dict:
     from accelerate.utils import set_seed
 
     cfg = settings(params)
@@ -169,7 +175,7 @@ def train_one(params: dict, init, tokens, selection, period, seed, state, out, g
     if tw and tagged:  # entity/object tokens: salient_spans' weights and the weights' summary
         from .attention import marks, spans_of
 
-        texts, spans = spans_of(rows_p, tagged, probes, period)
+        texts, spans = spans_of(rows_p, tagged, corpus, period)
         marked = marks(tokenizer, texts, diff_docs, spans)
     if "augment" in cfg["method"]:  # token-dropout copies beside each document (methods/augment.py)
         diff_docs, extra, masks = augmented(diff_docs, cfg["method"]["augment"], attention, toks, tokenizer, seed,
@@ -198,8 +204,8 @@ def train_one(params: dict, init, tokens, selection, period, seed, state, out, g
     optimizer = methods.make_optimizer(prepared, cfg["lr"], cfg["weight_decay"])
     scheduler = engine.make_scheduler(optimizer, cfg["schedule"], total_steps, int(cfg["warmup_ratio"] * total_steps),
                                       W)
-    fp = engine.fingerprint(cfg, [init, tokens, selection, attention, tagged, probes, weighting_model, subnet]
-                            + ([corpus] if corpus else []), period, seed, W)
+    fp = engine.fingerprint(cfg, [init, tokens, selection, attention, tagged, corpus, weighting_model, subnet], period,
+                            seed, W)
     model, optimizer, progress = engine.fit(
         accelerator, prepared.model, optimizer, scheduler, data, engine.StepBatches(rows, total_steps, A, W),
         grad_clip=cfg["grad_clip"], log_every=cfg["log_every"], desc=f"train {cfg['name']} P{period}",
@@ -236,20 +242,16 @@ def permuted(rows, part: dict, corpus, tagged, tokenizer, period: int, dtype):
     """(the period's diff documents with the objects of its new and changed facts permuted
     within each relation, re-tokenized as `gradloc tokens` does; a summary). See
     methods/permute.py."""
+    from .facts import fact_sets, read_triples
     from .io import read_table
     from .methods import permute
 
     if not corpus or not tagged:
         raise InputError("permute_objects: needs --corpus (the triples) and --tagged (texts and mentions)")
-    path = Path(corpus) / "triples.parquet"
-    triples = read_table(path, ["snapshot", "subject_id", "relation", "object"]).astype(
-        {"snapshot": int, "subject_id": str, "relation": str, "object": str})
-    key = ["subject_id", "relation", "object"]
-    now, before = triples[triples["snapshot"] == period], triples[triples["snapshot"] == period - 1]
-    changed = now.merge(before[key].drop_duplicates(), on=key, how="left", indicator=True)
-    changed = changed[changed["_merge"] == "left_only"]
+    sets = fact_sets(read_triples(corpus), period)
+    changed = pd.concat([sets["updated"], sets["new"]], ignore_index=True)
     if changed.empty:
-        raise InputError(f"{path}: no facts of snapshot {period} that snapshot {period - 1} lacks: nothing to permute")
+        raise InputError(f"{corpus}/triples.parquet: no new or changed facts in snapshot {period}: nothing to permute")
     mapping = permute.wrong_objects(changed, int(part["seed"]))
     seqs = read_table(Path(tagged) / "sequences.parquet", ["seq_id", "text"])
     text = dict(zip(seqs["seq_id"].astype(str), seqs["text"].astype(str)))
@@ -258,7 +260,7 @@ def permuted(rows, part: dict, corpus, tagged, tokenizer, period: int, dtype):
     ids = rows["seq_id"].astype(str).tolist()
     texts, n = permute.permute_texts([text[i] for i in ids], [mentioned.get(i, set()) for i in ids], mapping)
     encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # as `gradloc tokens`
-    docs = [np.asarray(ids, dtype=dtype) for ids in encoded]
+    docs = [np.asarray(e, dtype=dtype) for e in encoded]
     wrong = sum(t != w for t, w in mapping.values())
     summary = {"facts": len(mapping), "facts_made_wrong": wrong, "replacements": n,
                "documents_changed": sum(a != b for a, b in zip(texts, (text[i] for i in ids)))}

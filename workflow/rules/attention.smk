@@ -30,7 +30,8 @@ rule attention:
         small=rules.small_model.output[0],
         tokens=rules.tokens.output[0],
         tagged=rules.tag.output[0],
-        probes=rules.probes.output[0],
+        # fact objects for the marks come from the corpus' triples, never the evaluation probes
+        corpus=rules.download.output[0],
     output:
         directory(f"{R}/attention/P{{period}}"),
     params:
@@ -46,5 +47,5 @@ rule attention:
         "../../envs/train.yaml"
     shell:
         "python -m gradloc attention --params {params.p:q} --large {input.large} --small {input.small}"
-        " --tokens {input.tokens} --tagged {input.tagged} --probes {input.probes} --period {wildcards.period}"
+        " --tokens {input.tokens} --tagged {input.tagged} --corpus {input.corpus} --period {wildcards.period}"
         " --out {output} > {log} 2>&1"

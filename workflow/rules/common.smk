@@ -117,13 +117,14 @@ def uses_camels():
 
 
 def weighting_inputs(w):
-    """Token-weighting methods read the tagged mentions and probes (salient tokens and the
-    weights' summary); camels also the meta-trained weighting model. permute_objects (the
-    negative control) reads the tagged texts and mentions and the corpus' triples."""
+    """Token-weighting methods read the tagged mentions and the corpus' triples (salient
+    tokens and the weights' summary; never the evaluation probes); camels also the
+    meta-trained weighting model. permute_objects (the negative control) reads the tagged
+    texts and mentions and the corpus' triples."""
     method = config["train"]["methods"][w.method]
     out = {}
     if "token_weighting" in method:
-        out = {"tagged": f"{R}/tagged", "probes": f"{R}/probes"}
+        out = {"tagged": f"{R}/tagged", "corpus": f"{R}/corpus"}
     if weighting_kind(w.method) == "camels":
         out["weighting_model"] = f"{R}/weighting_model"
     if "permute_objects" in method:
@@ -132,7 +133,7 @@ def weighting_inputs(w):
 
 
 def weighting_args(w, input):
-    return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in ("tagged", "probes", "weighting_model", "corpus")
+    return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in ("tagged", "corpus", "weighting_model")
                     if k in input.keys())
 
 

@@ -25,6 +25,9 @@ rule profile:
 rule subnet:
     input:
         model=rules.base_model.output[0],
+        # subnet.facts: corpus (default): facts from the triples; the probes give only the
+        # subjects to leave out (those the methods are evaluated on)
+        corpus=rules.download.output[0],
         probes=rules.probes.output[0],
         tokens=rules.tokens.output[0],
     output:
@@ -41,5 +44,5 @@ rule subnet:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m gradloc subnet --params {params.p:q} --model {input.model} --probes {input.probes}"
-        " --tokens {input.tokens} --out {output} > {log} 2>&1"
+        "python -m gradloc subnet --params {params.p:q} --model {input.model} --corpus {input.corpus}"
+        " --probes {input.probes} --tokens {input.tokens} --out {output} > {log} 2>&1"

@@ -3,8 +3,10 @@ mean_t(w_t * CE_t) (`engine.lm_loss`). Weights are computed per document (EOS in
 before the documents are cut into blocks, and cut the same way (padding: weight 0).
 
 - `uniform`: w = 1 (equals the method without the part);
-- `salient_spans`: 1 on tokens inside a tagged entity mention or a probe object of the
-  period (our tags stand in for the reference's spaCy NER), `other` elsewhere;
+- `salient_spans`: 1 on tokens inside a tagged entity mention or an object of a fact of
+  the period (the corpus' triples) whose subject the sequence mentions (our tags stand in
+  for the reference's spaCy NER; `attention.spans_of`), `other` elsewhere. The
+  evaluation probes are never read;
 - `tfidf`: tf-idf of the token id within its document over the period's documents
   (idf = ln(N / df)), scaled to mean 1 per document;
 - `camels` (Hu et al. 2023): a meta-trained weighting model (`gradloc metatrain`) reads
@@ -122,7 +124,7 @@ def doc_weights(part: dict, docs: list[np.ndarray], marked: list[np.ndarray] | N
         return [np.ones(len(d), dtype=np.float32) for d in docs]
     if kind == "salient_spans":
         if marked is None:
-            raise InputError("token_weighting salient_spans: needs the tagged mentions and probes (--tagged, --probes)")
+            raise InputError("token_weighting salient_spans: needs the tagged mentions and the corpus' triples (--tagged, --corpus)")
         return [np.where(m > 0, 1.0, part["other"]).astype(np.float32) for m in marked]
     if kind == "tfidf":
         return tfidf(docs)

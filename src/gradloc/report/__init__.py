@@ -50,7 +50,14 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out, subne
     if not fact_vs.empty:
         result = result.merge(fact_vs.rename(columns=lambda c: c if c in ("method", "period") else f"fact_{c}"),
                               on=["method", "period"], how="left")
-    labels = method_labels(trains)
+    labels = method_labels(trains)  # the negative control, named so in table.md
+
+    oracle = oracle_labels(subnet, trains)  # subnet.facts: probes: the subnet methods saw the test facts
+    if oracle:
+        result["method"], logs["method"] = result["method"].replace(oracle), logs["method"].replace(oracle)
+        order = [oracle.get(m, m) for m in order]
+        vs_full, fact_table, fact_vs = (df.assign(method=df["method"].replace(oracle)) if not df.empty else df
+                                        for df in (vs_full, fact_table, fact_vs))
 
     sub = None
     if subnet is not None:  # knowledge-critical subnetworks vs the gradient profile
@@ -103,6 +110,22 @@ def candidates(evals: list) -> str:
     """The evaluations' number of candidates (`evaluate.candidates`), as text."""
     ks = sorted({(read_json(Path(e) / "summary.json").get("facts") or {}).get("candidates") for e in evals} - {None})
     return " / ".join(map(str, ks)) or "K"
+
+
+def oracle_labels(subnet, trains: list) -> dict[str, str]:
+    """{method: "method (oracle)"} for the methods that train by the subnetwork (`layers`
+    or `mask: subnet`) when its masks were trained on the evaluation probes
+    (`subnet/metrics.json` says `oracle: true`); else {}."""
+    path = Path(subnet) / "metrics.json" if subnet is not None else None
+    if path is None or not path.exists() or not read_json(path).get("oracle"):
+        return {}
+    out = {}
+    for t in trains:
+        m = read_json(Path(t) / "metrics.json")
+        c = m.get("method_config") or {}
+        if "subnet" in (c.get("layers"), c.get("mask")):
+            out[m["method"]] = f"{m['method']} (oracle)"
+    return out
 
 
 def weighting_report(trains: list, weighting, path: Path, dpi: int) -> str:
