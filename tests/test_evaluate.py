@@ -242,6 +242,6 @@ def test_cli_method_and_seed_are_optional():
 
 def test_params_are_checked_against_the_schema():
     assert evaluate.with_defaults({}) == {"batch_size": 32, "heldout_max_sequences": 200, "max_probes_per_set": None,
-                                          "candidates": 10, "candidate_seed": 0}
+                                          "candidates": 10, "candidate_seed": 0, "candidate_batch_size": 128}
     with pytest.raises(InputError, match="evaluate params.*batch_sise"):
         evaluate.with_defaults({"batch_sise": 4})

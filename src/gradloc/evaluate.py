@@ -121,7 +121,7 @@ def heldout_ids(tokens_dir, period: int, max_sequences: int, seed: int = 0, toke
 
 def evaluate_model(model, tokenizer, probes: pd.DataFrame, heldout: list[list[int]], batch_size: int,
                    pool: pd.DataFrame | None = None, period: int | None = None, candidates: int = 10,
-                   seed: int = 0):
+                   seed: int = 0, candidate_batch_size: int = 128):
     """(per-probe scores, summary): object/statement scores and held-out perplexity, and
     with `pool` (every probe, for the candidates) the fact-level metrics (`factlevel`)."""
     scores = score_probes(model, tokenizer, probes, batch_size)
@@ -129,7 +129,7 @@ def evaluate_model(model, tokenizer, probes: pd.DataFrame, heldout: list[list[in
     lp, n = ids_logprob(model, tokenizer, heldout, batch_size)
     summary["heldout_ppl"] = perplexity(lp, n)
     if pool is not None and len(probes):
-        rows = fact_level(model, tokenizer, probes, pool, period, candidates, seed, batch_size)
+        rows = fact_level(model, tokenizer, probes, pool, period, candidates, seed, candidate_batch_size)
         extra = probes[["probe_id", "subject_id", "relation", "subject_status", "constant_object"]]
         scores = scores.merge(extra, on="probe_id", how="left").merge(rows, on="probe_id", how="left")
         summary["facts"] = {"candidates": candidates, "seed": seed, **factlevel.summarize(probes, rows)}
@@ -181,7 +181,8 @@ def evaluate_checkpoint(params: dict, model, probes, tokens, period: int, out, m
         log.warning("no probes for period %d in %s", period, probes)
     try:
         scores, summary = evaluate_model(lm, tokenizer, probe_df, texts, params["batch_size"], pool, period,
-                                         params["candidates"], params["candidate_seed"])
+                                         params["candidates"], params["candidate_seed"],
+                                         params["candidate_batch_size"])
     except NonFiniteError as e:  # name the checkpoint: its weights (a diverged run?) give no number
         raise NonFiniteError(f"{ckpt} (period {period}): {e}") from None
     summary = {"method": method, "seed": seed, "period": period, **summary}
