@@ -183,8 +183,8 @@ def load_pair(large, small):
 def run(params: dict, large, small, tokens, tagged, probes=None, period=1, out="attention", corpus=None) -> None:
     from .basemodel import device
 
-    no_probes(probes, "attention")
     p = schema.fill("attention", params, where="attention params")
+    no_probes(probes, "attention")
     p.pop("small_model", None)
     period, dev = int(period), device()
     lm, sm, tokenizer = load_pair(large, small)
