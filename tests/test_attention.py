@@ -131,6 +131,20 @@ def test_stage_writes_scores_and_marks_aligned_with_the_tokens(world):
         attention.load(world / "attention" / "P1", toks, 2)
 
 
+def test_a_corpus_that_ships_probes_marks_mentions_only(world, tmp_path):
+    """TemporalWiki's triples are its probe files: their objects would be test answers."""
+    import shutil
+
+    shutil.copytree(world / "corpus", tmp_path / "corpus")
+    rows = pd.read_parquet(world / "tagged" / "sequences.parquet").iloc[6:7]
+    text = rows["text"].iat[0]
+    _, spans = attention.spans_of(rows, world / "tagged", tmp_path / "corpus", 1)
+    assert sorted(text[a:b] for a, b in spans[0]) == ["Acme", "Alice"]
+    (tmp_path / "corpus" / "probes_raw.parquet").write_bytes(b"")
+    _, spans = attention.spans_of(rows, world / "tagged", tmp_path / "corpus", 1)
+    assert [text[a:b] for a, b in spans[0]] == ["Alice"]
+
+
 def test_the_old_probes_input_is_refused_naming_the_corpus(world, tmp_path):
     with pytest.raises(InputError, match="--probes is no longer read.*--corpus"):
         attention.run({}, large=world / "base_model", small=world / "small_model", tokens=world / "tokens",

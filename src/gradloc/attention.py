@@ -138,14 +138,17 @@ def spans_of(rows: pd.DataFrame, tagged, corpus, period: int) -> tuple[list[str]
     """(text, [entity mention spans + fact object occurrences]) of each row's sequence.
     Fact objects are those of the corpus' triples of snapshot `period` whose subject the
     sequence mentions (`tagged/mentions.parquet`); every occurrence in the text counts.
-    The evaluation probes are not read: no test answer marks a token."""
+    The evaluation probes are not read: no test answer marks a token. A corpus that ships
+    its probes (`probes_raw.parquet`: TemporalWiki, ECBD) made its triples from them, so
+    there only the mentions count."""
     from .facts import read_triples, subject_objects
 
     seqs = read_table(Path(tagged) / "sequences.parquet", ["seq_id", "text"]).set_index("seq_id")["text"]
     mentions = read_table(Path(tagged) / "mentions.parquet", ["seq_id", "entity_id", "start", "end"])
     by_seq = mentions.groupby("seq_id")[["start", "end"]].apply(lambda g: list(zip(g["start"], g["end"])))
     subjects = mentions.groupby("seq_id")["entity_id"].apply(lambda g: sorted(set(g.astype(str))))
-    objects_of = subject_objects(read_triples(corpus), int(period)) if corpus else {}
+    shipped = corpus and (Path(corpus) / "probes_raw.parquet").exists()
+    objects_of = subject_objects(read_triples(corpus), int(period)) if corpus and not shipped else {}
     texts, spans = [], []
     for sid in rows["seq_id"]:
         text = str(seqs.get(sid, ""))
@@ -183,8 +186,8 @@ def load_pair(large, small):
 def run(params: dict, large, small, tokens, tagged, probes=None, period=1, out="attention", corpus=None) -> None:
     from .basemodel import device
 
-    no_probes(probes, "attention")
     p = schema.fill("attention", params, where="attention params")
+    no_probes(probes, "attention")
     p.pop("small_model", None)
     period, dev = int(period), device()
     lm, sm, tokenizer = load_pair(large, small)

@@ -125,6 +125,7 @@ def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None
     old input, is refused: training never reads the evaluation probes)."""
     from .attention import no_probes
 
+    settings(params)  # bad params are named before any input is looked at
     no_probes(probes, "train")
     if not isinstance(seed, (list, tuple)):
         return train_one(params, init, tokens, selection, period, seed, state, out, gpus, attention, tagged, corpus,
