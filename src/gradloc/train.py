@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import engine, methods, schema
+from . import engine, methods, schema, tracking
 from .io import InputError, as_list, atomic_output, write_json
 from .methods import augment, replay
 from .models import max_positions
@@ -197,10 +197,12 @@ def train_one(params: dict, init, tokens, selection, period, seed, state, out, g
                                       W)
     fp = engine.fingerprint(cfg, [init, tokens, selection, attention, tagged, probes, weighting_model, subnet], period,
                             seed, W)
+    tracker = tracking.Run("train", cfg["name"], seed, period, config={**cfg, "period": period, "seed": seed})
     model, optimizer, progress = engine.fit(
         accelerator, prepared.model, optimizer, scheduler, data, engine.StepBatches(rows, total_steps, A, W),
         grad_clip=cfg["grad_clip"], log_every=cfg["log_every"], desc=f"train {cfg['name']} P{period}",
-        state=state, fp=fp, save_every=cfg["save_every"], epoch_of=lambda step: step // steps_per_epoch)
+        state=state, fp=fp, save_every=cfg["save_every"], epoch_of=lambda step: step // steps_per_epoch,
+        tracker=tracker)
 
     metrics = {}
     if accelerator.is_main_process:
@@ -209,6 +211,7 @@ def train_one(params: dict, init, tokens, selection, period, seed, state, out, g
         metrics = write_outputs(accelerator.unwrap_model(model), tokenizer, optimizer, prepared, cfg, progress,
                                 total_steps, n_diff=data.n_diff, out=out, period=period, seed=seed, run_info=run_info,
                                 files={**{k: v for k, v in extra.items() if k == "augment.md"}, **files})
+    tracker.finish(metrics)
     accelerator.wait_for_everyone()
     if state and accelerator.is_main_process:
         shutil.rmtree(state, ignore_errors=True)  # finished: the resumable state is spent

@@ -30,6 +30,10 @@ from gradloc.data.temporalwiki import check_base
 check_base(config)
 
 R = config["results"]
+
+# Tracking (gradloc.tracking) reaches every job in the environment, not in a rule's params
+# or command: switching the tracker reruns nothing, and it changes no number.
+os.environ["GRADLOC_TRACKING"] = json.dumps({**config["tracking"], "dir": config["tracking"]["dir"] or f"{R}/tracking"})
 METHODS = list(config["train"]["methods"])
 SEEDS = [int(s) for s in config["train"]["seeds"]]
 
