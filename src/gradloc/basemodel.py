@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import schema, tracking
+from . import modelcard, schema, tracking
 from .io import InputError, atomic_output, read_table, write_json
 from .models import device, load_configured, max_positions, save_model
 from .scoring import fmt_ppl, score_probes, summarize
@@ -147,6 +147,8 @@ def pretrain(model, tokenizer, texts: list[str], pre: dict, state=None, accelera
                                       grad_clip=pre["grad_clip"], log_every=1, desc="pretrain T0", state=state,
                                       fp=fp, save_every=pre["save_every"], tracker=tracker)
     rows = [{"step": r["step"] - 1, "loss": r["loss"], "lr": r["lr"]} for r in progress["log"]]
+    if rows:
+        rows[-1]["tokens"] = progress["tokens"]  # the run's training tokens (for the model card)
     return accelerator.unwrap_model(trained), rows
 
 
@@ -202,6 +204,7 @@ def run(params: dict, corpus, split, probes, out, state=None, tokenizer=None) ->
                if trains_on_t0 else [])
     texts = t0_texts(split, exclude=heldout)
     # the small model of an attention pair is this stage with the base model's tokenizer
+    tokenizer_dir = tokenizer
     tracker = tracking.Run("small_model" if tokenizer else "base_model", seed=params["pretrain"]["seed"], config=params)
     model, tokenizer, rows = build_base_model(params, texts, dev, state=state, tokenizer=tokenizer, tracker=tracker)
     steps = len(rows)
@@ -224,6 +227,8 @@ def run(params: dict, corpus, split, probes, out, state=None, tokenizer=None) ->
     }
     with atomic_output(out) as tmp:
         save_model(model, tokenizer, tmp / "model")
+        modelcard.write(tmp / "model", modelcard.base_meta("small_model" if tokenizer_dir else "base_model", params,
+                                                           metrics, rows[-1].get("tokens", 0) if rows else 0))
         if state:
             shutil.rmtree(state, ignore_errors=True)  # finished: the resumable state is spent
         pd.DataFrame(rows, columns=["step", "loss", "lr"]).to_csv(tmp / "train_log.csv", index=False)

@@ -31,7 +31,7 @@ def settings(raw: str | dict | None = None) -> dict:
     """The `tracking` section (defaults filled in) from `raw` or $GRADLOC_TRACKING;
     backend none when neither is given."""
     raw = os.environ.get(ENV) if raw is None else raw
-    if not raw:
+    if raw is None or raw == "":
         return {"backend": "none", "dir": None}
     if isinstance(raw, str):
         try:

@@ -33,7 +33,12 @@ R = config["results"]
 
 # Tracking (gradloc.tracking) reaches every job in the environment, not in a rule's params
 # or command: switching the tracker reruns nothing, and it changes no number.
-os.environ["GRADLOC_TRACKING"] = json.dumps({**config["tracking"], "dir": config["tracking"]["dir"] or f"{R}/tracking"})
+from gradloc.tracking import settings as _tracking
+
+TRACKING = _tracking(config.get("tracking") or {})
+TRACKING["dir"] = TRACKING["dir"] or f"{R}/tracking"
+os.environ["GRADLOC_TRACKING"] = json.dumps(TRACKING)
+
 METHODS = list(config["train"]["methods"])
 SEEDS = [int(s) for s in config["train"]["seeds"]]
 
