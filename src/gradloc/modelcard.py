@@ -34,7 +34,7 @@ TEXT = """
 |---|---|
 {facts}
 
-Made by [gradloc](https://github.com/) with:
+Made by gradloc (gradient-localized lifelong pretraining) with:
 
 ```
 {command}
