@@ -58,8 +58,8 @@ def _lines(ax, df: pd.DataFrame, tag: str, label_of) -> None:
 
 
 def train_figure(df: pd.DataFrame, order: list[str], path, dpi: int) -> None:
-    """Per method (mean over seeds), loss (log.csv's windows) and gradient norm per step,
-    one column per period."""
+    """Per method (mean over seeds), the loss and gradient norm of each step (dots: the
+    log windows' mean loss, log.csv's curve), one column per period."""
     df = df[df["stage"] == "train"].copy()
     if df.empty:
         return _empty(path, "no tracked training runs", dpi)
@@ -67,17 +67,22 @@ def train_figure(df: pd.DataFrame, order: list[str], path, dpi: int) -> None:
     df["method"], df["period"] = parts.str[1], parts.str[3].str[1:].astype(int)
     methods = [m for m in order if m in set(df["method"])] + sorted(set(df["method"]) - set(order))
     periods = sorted(set(df["period"]))
-    tags = [t for t in ("train/loss", "train/grad_norm") if t in set(df["tag"])]
+    tags = [t for t in ("train/step_loss", "train/grad_norm") if t in set(df["tag"])] or ["train/loss"]
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     fig, axes = plt.subplots(len(tags), len(periods), figsize=(4.2 * len(periods), 3 * len(tags)), squeeze=False)
     for j, p in enumerate(periods):
         for i, tag in enumerate(tags):
             ax = axes[i][j]
-            sub = df[(df["period"] == p) & (df["tag"] == tag)]
+            sub = df[df["period"] == p]
             for m in methods:
-                g = sub[sub["method"] == m].groupby("step")["value"].mean()
+                g = sub[(sub["method"] == m) & (sub["tag"] == tag)].groupby("step")["value"].mean()
                 if len(g):
-                    ax.plot(g.index, g.values, label=m, lw=1.2)
-            ax.set_title(f"period {p}: {tag.split('/')[1].replace('_', ' ')}", fontsize=9)
+                    ax.plot(g.index, g.values, label=m, lw=1.2, color=colors[m])
+                if tag == "train/step_loss":  # log.csv's window means as dots on the step losses
+                    w = sub[(sub["method"] == m) & (sub["tag"] == "train/loss")].groupby("step")["value"].mean()
+                    ax.plot(w.index, w.values, "o", ms=3, color=colors[m])
+            name = {"train/step_loss": "loss per step (dots: log.csv windows)"}.get(tag, tag.split("/")[1])
+            ax.set_title(f"period {p}: {name.replace('_', ' ')}", fontsize=9)
             ax.set_xlabel("step")
     axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
