@@ -71,3 +71,24 @@ def test_none_writes_nothing_and_bad_settings_name_the_key(world, tmp_path, monk
 
     with pytest.raises(InputError, match="tracking.backend"):
         tracking.settings(json.dumps({"backend": "tensorbaord"}))
+
+
+@pytest.mark.slow
+def test_the_test_configs_runs_hold_log_csv_curves(test_run):
+    """config/test.yaml tracks every training run under <results>/tracking by default; each
+    train run's loss curve is its log.csv, and the report's tracked figures exist."""
+    runs = test_run / "tracking"
+    for folder in sorted((test_run / "train").glob("*/seed*/P*")):
+        method, seed, period = folder.relative_to(test_run / "train").parts
+        s = scalars(runs / "train" / method / seed / period)
+        rows = read_log(folder)
+        assert [(step, pytest.approx(v, rel=1e-6)) for step, v in s["train/loss"]] == [
+            (int(r["step"]), float(r["loss"])) for r in rows], folder
+    for run in ("base_model/seed0", "small_model/seed0", "camels/seed0", "subnet/outdated/seed0/P1"):
+        assert scalars(runs / run), run
+    base = scalars(runs / "base_model" / "seed0")["train/loss"]
+    with open(test_run / "base_model" / "train_log.csv") as f:
+        assert [v for _, v in base] == pytest.approx([float(r["loss"]) for r in csv.DictReader(f)], rel=1e-6)
+    for name in ("train", "pretrain", "subnet", "camels"):
+        assert (test_run / "report" / f"tracked_{name}.png").stat().st_size > 1000
+    assert (test_run / "model_cards" / "full" / "seed0" / "P1" / "README.md").exists()

@@ -82,11 +82,11 @@ STAGES = {
     "general-ability": ("gradloc.lmeval:report", [("evals", "lm-eval folders (list)"), ("out", "output folder")]),
     "tracked-curves": ("gradloc.report.tracked", [("tracking", "tracking folder (TensorBoard runs)"),
                                                   ("out", "output folder"),
-                                                  ("methods", "method names, in the legend's order (list)")]),
+                                                  ("trains", "training folders (list): the legend's method order")]),
     "model-cards": ("gradloc.modelcard", [("trains", "training folders (list)"), ("evals", "evaluation folders (list)"),
                                           ("out", "output folder")]),
 }
-LIST_ARGS = {"evals", "trains", "methods"}
+LIST_ARGS = {"evals", "trains"}
 # one or more, paired in order: several checkpoints evaluated, or seeds trained, in one process
 SEVERAL_ARGS = {("evaluate", "model"), ("evaluate", "out"), ("train", "seed"), ("train", "init"), ("train", "state"),
                 ("train", "out"), ("lm-eval", "model"), ("lm-eval", "out")}

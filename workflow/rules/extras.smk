@@ -76,7 +76,7 @@ rule model_cards:
 
 def tracked_inputs(w):
     """Every training stage's output: its tracker runs are complete once these exist."""
-    out = report_trains(w) + [f"{R}/base_model", f"{R}/subnet"]
+    out = [f"{R}/base_model", f"{R}/subnet"]
     if uses_camels():
         out.append(f"{R}/weighting_model")
     if uses_camels() or any(needs_attention(m) for m in METHODS):
@@ -86,7 +86,8 @@ def tracked_inputs(w):
 
 rule tracked_curves:
     input:
-        tracked_inputs,
+        trains=report_trains,
+        others=tracked_inputs,
     output:
         **{k: report(f"{R}/report/tracked_{k}.png", caption=f"../report/tracked_{k}.rst", category="Training",
                      labels={"figure": f"tracked {k} curves"}) for k in ("train", "pretrain", "subnet", "camels")},
@@ -95,13 +96,12 @@ rule tracked_curves:
         p=json.dumps({"dpi": config["report"].get("dpi", 120)}),
         tracking=TRACKING["dir"],
         out=lambda w, output: os.path.dirname(output.train),
-        methods=" ".join(METHODS),
     log:
         f"{R}/logs/tracked_curves.log",
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m gradloc tracked-curves --params {params.p:q} --tracking {params.tracking} --methods {params.methods}"
+        "python -m gradloc tracked-curves --params {params.p:q} --tracking {params.tracking} --trains {input.trains}"
         " --out {params.out} > {log} 2>&1"
 
 

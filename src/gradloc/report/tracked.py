@@ -106,8 +106,9 @@ def simple_figure(df: pd.DataFrame, stages: tuple, tags: list[str], path, dpi: i
     plt.close(fig)
 
 
-def run(params: dict, tracking, out, methods=None) -> None:
+def run(params: dict, tracking, out, trains=None) -> None:
     from .. import schema
+    from ..io import read_json
 
     cfg = schema.fill("report", params, where="report")
     if not Path(tracking).is_dir():
@@ -116,7 +117,8 @@ def run(params: dict, tracking, out, methods=None) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dpi = cfg["dpi"]
-    train_figure(df, list(methods or []), out / FIGURES["train"], dpi)
+    methods = list(dict.fromkeys(read_json(Path(t) / "metrics.json")["method"] for t in trains or []))
+    train_figure(df, methods, out / FIGURES["train"], dpi)
     simple_figure(df, ("base_model", "small_model"), ["train/loss", "train/grad_norm", "train/lr"],
                   out / FIGURES["pretrain"], dpi, "pretraining")
     simple_figure(df, ("subnet",), ["train/loss"], out / FIGURES["subnet"], dpi, "subnet mask")
