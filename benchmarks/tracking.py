@@ -1,7 +1,9 @@
 """Does tracking cost time? The training loop (`gradloc.engine.fit`) on the default
 config's GPT-2 (6 layers, 128 wide, 128 positions, vocab 2048; batch 16, log every 10
 steps as `train`), with tracking off and with TensorBoard, round robin over `--reps`
-rounds. Prints each round's seconds, the medians and the median per-round ratio.
+rounds (the order alternating). Prints each round's seconds, the medians, the median
+per-round ratio, and the seconds spent inside the tracker's calls (timed around each:
+robust on a shared machine, where whole-run times vary by more than the effect).
 
     python benchmarks/tracking.py [--steps 100 --reps 3 --log-every 10]
 """
@@ -17,6 +19,23 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gradloc import engine, tracking
+
+
+SPENT = [0.0]
+
+
+def timed(f):
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return f(*args, **kwargs)
+        finally:
+            SPENT[0] += time.perf_counter() - t
+    return wrapper
+
+
+for _name in ("begin", "steps", "row", "finish"):
+    setattr(tracking.Run, _name, timed(getattr(tracking.Run, _name)))
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -59,16 +78,22 @@ def main():
     ap.add_argument("--log-every", type=int, default=10)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    off, on = [], []
+    off, on, inside = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         one(5, a.log_every, None)  # warm-up
         for r in range(a.reps):
-            off.append(one(a.steps, a.log_every, None))
-            on.append(one(a.steps, a.log_every, tmp))
-            print(f"round {r}: none {off[-1]:.2f} s, tensorboard {on[-1]:.2f} s", flush=True)
+            for tracked in ((False, True) if r % 2 == 0 else (True, False)):
+                SPENT[0] = 0.0
+                (on if tracked else off).append(one(a.steps, a.log_every, tmp if tracked else None))
+                if tracked:
+                    inside.append(SPENT[0])
+            print(f"round {r}: none {off[-1]:.2f} s, tensorboard {on[-1]:.2f} s "
+                  f"(of which in tracker calls {inside[-1]:.3f} s)", flush=True)
     ratio = statistics.median(b / x for x, b in zip(off, on))
     print(f"{a.steps} steps: none median {statistics.median(off):.2f} s, tensorboard median "
-          f"{statistics.median(on):.2f} s; median ratio tensorboard/none {ratio:.3f}")
+          f"{statistics.median(on):.2f} s; median ratio tensorboard/none {ratio:.3f}; in tracker calls "
+          f"median {statistics.median(inside):.3f} s = {statistics.median(i / x for i, x in zip(inside, on)):.2%} "
+          "of the tracked run")
 
 
 if __name__ == "__main__":
