@@ -174,6 +174,8 @@ def markdown(table: pd.DataFrame) -> str:
 
 def report(params: dict, evals, out) -> None:
     """Stage `gradloc general-ability`: general_ability.csv and .md in `out`."""
+    if params:
+        raise InputError(f"general-ability takes no --params; unknown key(s) {sorted(params)}")
     table = general_table(as_list(evals))
     Path(out).mkdir(parents=True, exist_ok=True)
     table.to_csv(Path(out) / "general_ability.csv", index=False)

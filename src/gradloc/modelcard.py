@@ -160,6 +160,8 @@ def run(params: dict, trains, evals, out) -> None:
     same method, seed and period (from summary.json), under out/<method>/seed<s>/P<k>/."""
     from huggingface_hub import ModelCard
 
+    if params:
+        raise InputError(f"model-cards takes no --params; unknown key(s) {sorted(params)}")
     by_id = {}
     for e in as_list(evals):
         s = read_json(Path(e) / "summary.json")

@@ -2,16 +2,9 @@
 # config's `lm_eval`, off by default), model cards with evaluation results, and training
 # curves drawn from the tracker's TensorBoard runs. None of these feeds another stage.
 
-LM_EVAL = config.get("lm_eval")
-
-
-def last_period():
-    return max(periods())
-
-
 rule lm_eval:
     input:
-        models=lambda w: [train_dir(w.method, s, last_period()) for s in SEEDS],
+        models=final_checkpoints,
     output:
         [directory(f"{R}/lm_eval/{{method}}/seed{s}") for s in SEEDS],
     params:
@@ -74,16 +67,6 @@ rule model_cards:
         "python -m gradloc model-cards --trains {input.trains} --evals {input.evals} --out {output} > {log} 2>&1"
 
 
-def tracked_inputs(w):
-    """Every training stage's output: its tracker runs are complete once these exist."""
-    out = [f"{R}/base_model", f"{R}/subnet"]
-    if uses_camels():
-        out.append(f"{R}/weighting_model")
-    if uses_camels() or any(needs_attention(m) for m in METHODS):
-        out.append(f"{R}/small_model")
-    return out
-
-
 rule tracked_curves:
     input:
         trains=report_trains,
@@ -103,12 +86,3 @@ rule tracked_curves:
     shell:
         "python -m gradloc tracked-curves --params {params.p:q} --tracking {params.tracking} --trains {input.trains}"
         " --out {params.out} > {log} 2>&1"
-
-
-def extra_targets():
-    out = [f"{R}/model_cards"]
-    if TRACKING["backend"] == "tensorboard":
-        out.append(f"{R}/report/tracked_train.png")
-    if LM_EVAL:
-        out.append(f"{R}/report/general_ability.md")
-    return out
