@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -101,9 +102,12 @@ class Run:
         elif backend == "wandb":  # WANDB_MODE=offline: a local run folder, synced later with `wandb sync`
             folder.mkdir(parents=True, exist_ok=True)
             self.tracker = t.WandBTracker(self.cfg["project"], name=self.name, dir=str(folder), resume="allow",
-                                          id=self.name.replace("/", "-"))
-        elif backend == "mlflow":  # a local file store unless MLFLOW_TRACKING_URI says otherwise
+                                          id=re.sub(r"[^A-Za-z0-9_-]", "-", self.name))
+        elif backend == "mlflow":  # a local file store (dir/mlruns) unless MLFLOW_TRACKING_URI says otherwise;
+            # mlflow 3 keeps the file store working behind MLFLOW_ALLOW_FILE_STORE (its SQLite one needs sqlalchemy)
+            folder.mkdir(parents=True, exist_ok=True)
             os.environ.setdefault("MLFLOW_TRACKING_URI", (folder.resolve() / "mlruns").as_uri())
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             self.tracker = t.MLflowTracker(self.cfg["project"], run_name=self.name)
         self.tracker.start()
         self.tracker.store_init_configuration(flat(self.config))
