@@ -41,3 +41,22 @@ def test_model_cards_stage_adds_the_evaluation(world, tmp_path):  # noqa: F811
     assert card.data.to_dict()["gradloc"]["training_tokens"] == metrics["tokens"]
     assert "| new | 30.25 | 8 | 0.125 | 8 |" in card.text
     assert f"| training tokens | {metrics['tokens']} |" in card.text
+
+
+def test_the_origin_model_carries_down_the_periods(world, tmp_path):  # noqa: F811
+    import shutil
+
+    from gradloc import basemodel, train
+
+    base = tmp_path / "base_model"
+    shutil.copytree(world / "base_model", base)
+    params = basemodel.with_defaults({"source": "pretrained", "name_or_path": "org/tiny-model", "teach_t0": True})
+    modelcard.write(base / "model", modelcard.base_meta("base_model", params, {"steps": 3, "n_params": 10}, 99))
+    assert ModelCard.load(base / "model" / "README.md").data.base_model == "org/tiny-model"
+    common = {"lr": 1e-2, "batch_size": 2, "seq_len": 32, "log_every": 2, "precision": "no"}
+    for period, init in ((1, base), (2, tmp_path / "P1")):
+        train.run({"name": "m", "common": common, "method": {}}, init=init, tokens=world / "tokens", period=period,
+                  seed=0, out=tmp_path / f"P{period}")
+    card = ModelCard.load(tmp_path / "P2" / "model" / "README.md")
+    assert card.data.base_model == "org/tiny-model"
+    assert "| base model | org/tiny-model |" in card.text and card.data.to_dict()["gradloc"]["period"] == 2

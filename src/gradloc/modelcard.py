@@ -53,14 +53,16 @@ def command() -> str:
     return shlex.join(["python", str(argv0.name), *sys.argv[1:]]) + "  # (called from Python)"
 
 
-def origin(init) -> str | None:
-    """The base_model of the checkpoint a run started from: its card's, else None."""
+def origin(init) -> tuple[str | None, str | None]:
+    """(HF base_model, the model it all started from as words) of the checkpoint a run
+    started from, from its card; (None, None) without one or for a model from scratch."""
     card = Path(init) / "model" / CARD if (Path(init) / "model").is_dir() else Path(init) / CARD
     if not card.exists():
-        return None
+        return None, None
     from huggingface_hub import ModelCard
 
-    return ModelCard.load(card).data.base_model
+    data = ModelCard.load(card).data
+    return data.base_model, (data.to_dict().get("gradloc") or {}).get("origin")
 
 
 def write(folder, meta: dict, results: dict | None = None) -> Path:
@@ -115,13 +117,13 @@ def _num(x) -> str:
 def train_meta(cfg: dict, metrics: dict, init) -> dict:
     method = cfg["method"]
     parts = ", ".join(f"{k}: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in method.items()) or "layers: all"
-    base = origin(init)
+    base, first = origin(init)
     return {
         "title": f"gradloc {cfg['name']} (period {metrics['period']}, seed {metrics['seed']})",
         "summary": f"Continual pretraining of `{init}` on update period {metrics['period']}'s diff documents "
                    f"with method `{cfg['name']}`.",
         "base_model": base, "tags": ["continual-pretraining", cfg["name"]],
-        "facts": {"base model": base or "(trained from scratch by gradloc)", "started from": f"`{init}`",
+        "facts": {"base model": first or "(trained from scratch by gradloc)", "started from": f"`{init}`",
                   "method": f"`{cfg['name']}`", "parts": parts, "period": metrics["period"], "seed": metrics["seed"],
                   "training tokens": metrics["tokens"], "steps": metrics["steps"],
                   "trainable parameters": f"{metrics['trainable_params']} of {metrics['total_params']}"},
@@ -129,27 +131,29 @@ def train_meta(cfg: dict, metrics: dict, init) -> dict:
         "load_note": " (K-Adapter: `gradloc.methods.load_checkpoint`, which adds the adapters)"
         if "k_adapter" in method else "",
         "gradloc": {"stage": "train", "method": cfg["name"], "parts": method, "period": metrics["period"],
-                    "seed": metrics["seed"], "training_tokens": metrics["tokens"], "init": str(init),
+                    "seed": metrics["seed"], "training_tokens": metrics["tokens"], "init": str(init), "origin": first,
                     "command": command()},
     }
 
 
 def base_meta(stage: str, params: dict, metrics: dict, tokens: int | None) -> dict:
     source = params["source"]
-    base = None if source == "scratch" else params.get("name_or_path")
+    base = None if source == "scratch" else params.get("name_or_path")  # a hub id or a folder
+    package = (params.get("package") or {}).get("files")
+    shown = base or (" + ".join(package) if package else params.get("gguf_file"))  # a model file shipped in a package
     pre = params["pretrain"]
     trained = source == "scratch" or params["teach_t0"]
     summary = (f"A GPT-2 trained from scratch on the T0 snapshot ({metrics['steps']} steps)." if source == "scratch"
-               else f"`{base}`" + (f", taught the T0 snapshot ({metrics['steps']} steps)." if trained else
+               else f"`{shown}`" + (f", taught the T0 snapshot ({metrics['steps']} steps)." if trained else
                                    ", as loaded (not trained)."))
     return {
         "title": f"gradloc {stage}", "summary": summary, "base_model": base, "tags": [stage],
-        "facts": {"base model": base or "(none: from scratch)", "stage": stage, "period": 0, "seed": pre["seed"],
+        "facts": {"base model": shown or "(none: from scratch)", "stage": stage, "period": 0, "seed": pre["seed"],
                   "training tokens": tokens if trained else 0, "steps": metrics["steps"],
                   "parameters": metrics["n_params"]},
         "command": command(),
         "gradloc": {"stage": stage, "method": None, "parts": None, "period": 0, "seed": pre["seed"],
-                    "training_tokens": tokens if trained else 0, "command": command()},
+                    "training_tokens": tokens if trained else 0, "origin": shown, "command": command()},
     }
 
 
