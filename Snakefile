@@ -26,11 +26,13 @@ include: "workflow/rules/camels.smk"
 include: "workflow/rules/training.smk"
 include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/extras.smk"
 
 
 rule all:
     input:
         all_targets(),
+        extra_targets(),
     default_target: True
 
 

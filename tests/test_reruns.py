@@ -61,7 +61,9 @@ def train_and_eval(cfg: dict, methods) -> set[tuple[str, str]]:
             for rule, folder in (("train", "train"), ("evaluate", "eval"))}
 
 
-REPORT = {("report", "report/table.csv")}
+# the report, and what reads every checkpoint beside it: model cards with results and the
+# tracker's curves (issue 23)
+REPORT = {("report", "report/table.csv"), ("model_cards", "model_cards"), ("tracked_curves", "report/tracked_train.png")}
 DATA = {("download", "corpus"), ("split", "split"), ("tag", "tagged"), ("probes", "probes")}
 
 
@@ -191,7 +193,7 @@ def test_subnet_setting_reruns_the_subnet_its_methods_and_the_report(completed):
 
 def test_report_setting_reruns_only_the_report(completed):
     jobs = dry_run_with(completed, {"report": {"title": "another title"}})
-    assert jobs == REPORT
+    assert jobs == {("report", "report/table.csv")}
 
 
 def test_grouping_seeds_or_not_reruns_nothing(completed):
@@ -220,7 +222,8 @@ def test_evaluation_setting_reruns_every_evaluation_and_the_report(completed):
     _, _, cfg = completed
     jobs = dry_run_with(completed, {"evaluate": {"candidates": 5}})
     evals = {j for j in train_and_eval(cfg, cfg["train"]["methods"]) if j[0] == "evaluate"}
-    assert jobs == evals | {("evaluate_base", f"eval/base/P{p}") for p in periods(cfg)} | REPORT
+    assert jobs == (evals | {("evaluate_base", f"eval/base/P{p}") for p in periods(cfg)}
+                    | REPORT - {("tracked_curves", "report/tracked_train.png")})  # curves: from training only
 
 
 def test_negative_control_setting_reruns_only_the_control(completed):
@@ -228,3 +231,18 @@ def test_negative_control_setting_reruns_only_the_control(completed):
     assert cfg["train"]["methods"]["negative_control"]["permute_objects"]["seed"] != 1
     jobs = dry_run_with(completed, {"train": {"methods": {"negative_control": {"permute_objects": {"seed": 1}}}}})
     assert jobs == train_and_eval(cfg, ["negative_control"]) | REPORT
+
+
+def test_switching_the_tracker_reruns_nothing(completed):
+    """tracking reaches the jobs in $GRADLOC_TRACKING, not in params or commands: without a
+    tracker only the figures drawn from its runs leave the targets."""
+    assert dry_run_with(completed, {"tracking": {"backend": "none"}}) == set()
+    # another folder: only the figures drawn from it
+    assert dry_run_with(completed, {"tracking": {"dir": "/elsewhere"}}) == {("tracked_curves", "report/tracked_train.png")}
+
+
+def test_lm_eval_adds_only_its_own_jobs(completed):
+    _, _, cfg = completed
+    jobs = dry_run_with(completed, {"lm_eval": {"tasks": ["gradloc_cloze"], "limit": 8}})
+    assert jobs == ({("lm_eval_base", "lm_eval/base"), ("general_ability", "report/general_ability.csv")}
+                    | {("lm_eval", f"lm_eval/{m}/seed{cfg['train']['seeds'][0]}") for m in cfg["train"]["methods"]})

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import schema
+from . import modelcard, schema, tracking
 from .io import InputError, atomic_output, read_table, write_json
 from .models import device, load_configured, max_positions, save_model
 from .scoring import fmt_ppl, score_probes, summarize
@@ -119,7 +119,7 @@ class Windows:
         return {"input_ids": x, "labels": x}
 
 
-def pretrain(model, tokenizer, texts: list[str], pre: dict, state=None, accelerator=None):
+def pretrain(model, tokenizer, texts: list[str], pre: dict, state=None, accelerator=None, tracker=None):
     """Train `model` on random windows of the T0 token stream with the shared engine
     (AdamW, betas 0.9/0.95, weight decay on matrices only, linear warm-up then cosine
     decay to `min_lr_ratio` x lr). Returns (trained model, log rows: step, loss, lr)."""
@@ -145,8 +145,10 @@ def pretrain(model, tokenizer, texts: list[str], pre: dict, state=None, accelera
     fp = engine.fingerprint(pre, [], hashlib.sha256(stream.numpy().tobytes()).hexdigest(), model.config.to_json_string(), W)
     trained, _, progress = engine.fit(accelerator, model, opt, sched, Windows(stream, starts, seq_len), batches,
                                       grad_clip=pre["grad_clip"], log_every=1, desc="pretrain T0", state=state,
-                                      fp=fp, save_every=pre["save_every"])
+                                      fp=fp, save_every=pre["save_every"], tracker=tracker)
     rows = [{"step": r["step"] - 1, "loss": r["loss"], "lr": r["lr"]} for r in progress["log"]]
+    if rows:
+        rows[-1]["tokens"] = progress["tokens"]  # the run's training tokens (for the model card)
     return accelerator.unwrap_model(trained), rows
 
 
@@ -156,7 +158,8 @@ def t0_probes(probes_dir) -> pd.DataFrame:
     return df[df["period"] == 0].reset_index(drop=True)
 
 
-def build_base_model(params: dict, texts: list[str], dev: torch.device | None = None, state=None, tokenizer=None):
+def build_base_model(params: dict, texts: list[str], dev: torch.device | None = None, state=None, tokenizer=None,
+                     tracker=None):
     """(model, tokenizer, log rows): a new GPT-2 trained on `texts`, or a loaded model,
     fine-tuned on them when `teach_t0`. `tokenizer` (a model folder): a new GPT-2 uses
     that model's tokenizer instead of training one (the small model of an attention pair)."""
@@ -179,7 +182,7 @@ def build_base_model(params: dict, texts: list[str], dev: torch.device | None = 
         steps = pre["steps"] if params["teach_t0"] else 0
     rows = []
     if steps:
-        model, rows = pretrain(model, tokenizer, texts, pre, state=state)
+        model, rows = pretrain(model, tokenizer, texts, pre, state=state, tracker=tracker)
     model.to(dev or device())
     model.eval()
     return model, tokenizer, rows
@@ -200,7 +203,10 @@ def run(params: dict, corpus, split, probes, out, state=None, tokenizer=None) ->
     heldout = (heldout_base_ids(t0_ids(split), params["pretrain"]["heldout_fraction"], params["pretrain"]["seed"])
                if trains_on_t0 else [])
     texts = t0_texts(split, exclude=heldout)
-    model, tokenizer, rows = build_base_model(params, texts, dev, state=state, tokenizer=tokenizer)
+    # the small model of an attention pair is this stage with the base model's tokenizer
+    tokenizer_dir = tokenizer
+    tracker = tracking.Run("small_model" if tokenizer else "base_model", seed=params["pretrain"]["seed"], config=params)
+    model, tokenizer, rows = build_base_model(params, texts, dev, state=state, tokenizer=tokenizer, tracker=tracker)
     steps = len(rows)
     train_time = time.time() - started
 
@@ -221,11 +227,14 @@ def run(params: dict, corpus, split, probes, out, state=None, tokenizer=None) ->
     }
     with atomic_output(out) as tmp:
         save_model(model, tokenizer, tmp / "model")
+        modelcard.write(tmp / "model", modelcard.base_meta("small_model" if tokenizer_dir else "base_model", params,
+                                                           metrics, rows[-1].get("tokens", 0) if rows else 0))
         if state:
             shutil.rmtree(state, ignore_errors=True)  # finished: the resumable state is spent
         pd.DataFrame(rows, columns=["step", "loss", "lr"]).to_csv(tmp / "train_log.csv", index=False)
         write_json(metrics, tmp / "metrics.json")
         (tmp / "heldout_base.txt").write_text("".join(f"{i}\n" for i in heldout))
+    tracker.finish(metrics)
     acc = ", ".join(f"{k} top1={v['top1']:.3f} obj_ppl={fmt_ppl(v['object_ppl'])} (n={v['n']})" for k, v in summary.items())
     log.info("base model (%s): %d params, %d steps in %.0f s, final loss %s; T0 probes: %s", params["source"],
              metrics["n_params"], steps, train_time,

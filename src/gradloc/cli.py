@@ -82,16 +82,25 @@ STAGES = {
                                   ("out", "output folder"),
                                   ("subnet", "subnet folder (knowledge-critical subnetworks; optional)"),
                                   ("weighting", "weighting model folder (CaMeLS meta-training; optional)")]),
+    "lm-eval": ("gradloc.lmeval", [("model", "checkpoint folder(s)"), ("out", "output folder(s), one per --model"),
+                                   ("method", "method name written into summary.json (default: metrics.json, "
+                                              "else base)")]),
+    "general-ability": ("gradloc.lmeval:report", [("evals", "lm-eval folders (list)"), ("out", "output folder")]),
+    "tracked-curves": ("gradloc.report.tracked", [("tracking", "tracking folder (TensorBoard runs)"),
+                                                  ("out", "output folder"),
+                                                  ("trains", "training folders (list): the legend's method order")]),
+    "model-cards": ("gradloc.modelcard", [("trains", "training folders (list)"), ("evals", "evaluation folders (list)"),
+                                          ("out", "output folder")]),
 }
 LIST_ARGS = {"evals", "trains"}
 # one or more, paired in order: several checkpoints evaluated, or seeds trained, in one process
 SEVERAL_ARGS = {("evaluate", "model"), ("evaluate", "out"), ("train", "seed"), ("train", "init"), ("train", "state"),
-                ("train", "out")}
+                ("train", "out"), ("lm-eval", "model"), ("lm-eval", "out")}
 INT_ARGS = {"period", "seed", "gpus"}
 OPTIONAL_ARGS = {"selection", "state", "gpus", "tokenizer", "attention", ("attention", "probes"), ("train", "probes"),
                  ("train", "corpus"), ("train", "tagged"), ("train", "weighting_model"), ("train", "subnet"), ("report", "weighting"),
                  ("report", "subnet"), ("evaluate", "method"), ("evaluate", "seed"), ("evaluate", "period"),
-                 ("profile", "tagged"), ("subnet", "corpus")}  # name or (stage, name)
+                 ("profile", "tagged"), ("subnet", "corpus"), ("lm-eval", "method")}  # name or (stage, name)
 
 
 def parse_params(text: str) -> dict:
@@ -133,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {name: getattr(args, name) for name, _ in arg_spec}
     try:
         params = parse_params(args.params)
-        module = importlib.import_module(module_name)
-        module.run(params, **kwargs)
+        module_name, _, function = module_name.partition(":")  # module:function, else module.run
+        getattr(importlib.import_module(module_name), function or "run")(params, **kwargs)
     except InputError as e:
         print(f"gradloc {args.stage}: error: {e}", file=sys.stderr)
         return 2

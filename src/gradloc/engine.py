@@ -177,14 +177,18 @@ def check_gpus(requested: int, num_processes: int, stage: str = "train") -> None
 
 def fit(accelerator, model, optimizer, scheduler, dataset: Dataset, batches: StepBatches, *,
         grad_clip: float | None, log_every: int, desc: str, state=None, fp: str = "", save_every: int = 0,
-        loss_fn: Callable = causal_lm_loss, epoch_of: Callable[[int], int] = lambda step: 0):
+        loss_fn: Callable = causal_lm_loss, epoch_of: Callable[[int], int] = lambda step: 0, tracker=None):
     """Train for `batches.total_steps` optimizer steps; returns (prepared model,
     optimizer, progress) with progress["log"] rows {step, epoch, loss, lr, tokens_per_s}
     (loss: mean over the steps since the last row). Resumes from `state` when it holds
-    a state of the same fingerprint; saves one every `save_every` steps."""
+    a state of the same fingerprint; saves one every `save_every` steps. A
+    `tracking.Run` gets each step's loss, lr, gradient norm and guard state and each log
+    row, at the loop's existing host syncs."""
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     loader = accelerator.prepare(make_loader(dataset, batches))
     progress = load_progress(accelerator, state, fp)
+    if tracker is not None:
+        tracker.begin(progress["step"])
     total, A = batches.total_steps, accelerator.gradient_accumulation_steps
     if progress["step"]:
         loader = accelerator.skip_first_batches(loader, progress["step"] * A)
@@ -197,7 +201,7 @@ def fit(accelerator, model, optimizer, scheduler, dataset: Dataset, batches: Ste
     window_start, dev_loss, dev_tokens = time.time(), 0.0, 0
     # Per-step losses and gradient-norm checks stay on the device until the next sync
     # point, where a non-finite value stops the run (before any state is saved).
-    step_losses, finite, step_lrs = [], [], []
+    step_losses, finite, step_lrs, norms = [], [], [], []
     # fp16's loss scaler skips steps whose gradients overflow: that is not divergence.
     check_norms = accelerator.mixed_precision != "fp16"
     bar = tqdm(total=total, initial=progress["step"], desc=desc, file=sys.stderr, mininterval=2,
@@ -213,6 +217,8 @@ def fit(accelerator, model, optimizer, scheduler, dataset: Dataset, batches: Ste
                 norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
                 if check_norms:
                     finite.append(torch.isfinite(norm))
+                if tracker is not None:
+                    norms.append(norm.detach())
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -231,6 +237,9 @@ def fit(accelerator, model, optimizer, scheduler, dataset: Dataset, batches: Ste
         save_due = bool(state and save_every and step % save_every == 0 and step < total)
         step_lrs.append(lr)
         if row_due or save_due:
+            if tracker is not None:
+                tracker.steps(step - len(step_lrs) + 1, step_losses, norms, step_lrs)
+                norms = []
             check_finite(accelerator, step_losses, finite, step_lrs, step, A, progress)
             step_losses, finite, step_lrs = [], [], []
             window["loss"] += float(accelerator.reduce(dev_loss, "mean"))
@@ -242,6 +251,8 @@ def fit(accelerator, model, optimizer, scheduler, dataset: Dataset, batches: Ste
             progress["tokens"] += window["tokens"]
             progress["log"].append({"step": step, "epoch": epoch_of(step - 1), "loss": mean_loss, "lr": lr,
                                     "tokens_per_s": window["tokens"] / seconds})
+            if tracker is not None:
+                tracker.row(progress["log"][-1])
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{window['tokens'] / seconds:.0f}", refresh=False)
             window, window_start = {"loss": 0.0, "tokens": 0, "steps": 0}, time.time()
         progress["elapsed"] = time.time() - started

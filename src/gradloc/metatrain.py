@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
-from . import schema
+from . import schema, tracking
 from .engine import lm_loss
 from .io import InputError, atomic_output, read_table, write_json
 from .methods import load_checkpoint
@@ -208,6 +208,8 @@ def run(params: dict, base, backbone, tokens, tagged, probes, out) -> None:
             totals += [float(loss), float(qa), float(kl)]
         return totals / len(val)
 
+    tracker = tracking.Run("camels", seed=cfg["seed"], config=cfg)
+    tracker.begin()
     started = time.time()
     curve, best, best_state, bad, stop = [], None, None, 0, "outer_steps"
     params, seen, train_losses = theta0, 0, []
@@ -217,6 +219,7 @@ def run(params: dict, base, backbone, tokens, tagged, probes, out) -> None:
             curve.append({"step": step, "train_loss": float(np.mean(train_losses)) if train_losses else None,
                           "val_loss": v[0], "val_qa": v[1], "val_kl": v[2]})
             train_losses = []
+            tracker.log({"val/loss": v[0], "val/qa": v[1], "val/kl": v[2]}, step)
             log.info("metatrain step %d: val loss %.4f (qa %.4f, kl %.5f)", step, *v)
             if best is None or v[0] < best[1] - 1e-6:
                 best, best_state, bad = (step, v[0]), copy.deepcopy(wmodel.state_dict()), 0
@@ -233,6 +236,8 @@ def run(params: dict, base, backbone, tokens, tagged, probes, out) -> None:
         loss.backward()
         opt.step()
         train_losses.append(float(loss.detach()))
+        tracker.log({"outer/loss": train_losses[-1], "outer/qa": float(qa.detach()), "outer/kl": float(kl.detach())},
+                    step + 1)
         seen += len(docs)
         params = theta0 if seen % cfg["reset_every"] < len(docs) else {k: v.detach() for k, v in after.items()}
     wmodel.load_state_dict(best_state)
@@ -253,5 +258,6 @@ def run(params: dict, base, backbone, tokens, tagged, probes, out) -> None:
         wmodel.save(tmp, tokenizer)
         pd.DataFrame(curve).to_csv(tmp / "curve.csv", index=False)
         write_json(metrics, tmp / "metrics.json")
+    tracker.finish(metrics)
     log.info("metatrain: best val loss %.4f at step %d (%s) in %.0f s; weight on object tokens vs others: %s",
              best[1], best[0], stop, metrics["time_s"], learned.get("all"))

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from . import engine, schema
+from . import engine, schema, tracking
 from .io import InputError, atomic_output, read_json, read_table, write_json
 from .models import checkpoint_dir, find_blocks, layer_units, load_model, max_positions
 from .scoring import encode_probe, ids_logprob, pad_batch, perplexity, score_probes, summarize
@@ -212,7 +212,7 @@ def fact_batch(lm, tokenizer, target: pd.DataFrame, control: pd.DataFrame, lm_se
             "labels": torch.where(obj.bool(), ids, torch.full_like(ids, -100))}
 
 
-def train_mask(lm, tokenizer, targets, target, control, lm_seqs, params: dict, seed: int):
+def train_mask(lm, tokenizer, targets, target, control, lm_seqs, params: dict, seed: int, tracker=None):
     """(hard mask per tensor as bool numpy arrays, training log rows, seconds)."""
     torch.manual_seed(seed)
     accelerator = engine.make_accelerator("no")
@@ -227,7 +227,7 @@ def train_mask(lm, tokenizer, targets, target, control, lm_seqs, params: dict, s
     start = time.time()
     masked, _, progress = engine.fit(accelerator, masked, optimizer, scheduler, WholeBatch(batch), batches,
                                      grad_clip=None, log_every=max(1, steps // 10), desc="subnet mask",
-                                     loss_fn=lambda model, b: model(b))
+                                     loss_fn=lambda model, b: model(b), tracker=tracker)
     masked = accelerator.unwrap_model(masked)
     hard = {n: (s.detach() > 0).cpu().numpy() for n, s in zip(masked.names, masked.logits)}
     return hard, progress["log"], time.time() - start
@@ -430,7 +430,9 @@ def run(params: dict, model, probes, tokens, out, corpus=None) -> None:
             kind, period = name.split("_P")
             before = removal_metrics(lm, tokenizer, target, control, heldout, params["batch_size"])
             for seed in params["seeds"]:
-                hard, log_rows, seconds = train_mask(lm, tokenizer, targets, target, control, lm_seqs, params, seed)
+                tracker = tracking.Run("subnet", kind, seed, period, config={**params, "knowledge_set": name})
+                hard, log_rows, seconds = train_mask(lm, tokenizer, targets, target, control, lm_seqs, params, seed,
+                                                     tracker)
                 np.savez(tmp / "masks" / f"{name}_seed{seed}.npz", **pack(hard))
                 full = expand(lm, hard)
                 ident = {"knowledge_set": name, "kind": kind, "period": int(period), "seed": seed}
@@ -443,6 +445,8 @@ def run(params: dict, model, probes, tokens, out, corpus=None) -> None:
                 frac = sum(int(m.sum()) for m in full.values()) / n_weights
                 runs.append({**ident, "density": frac, "steps": params["steps"], "train_time_s": seconds,
                              "n_target": len(target), "n_control": len(control)})
+                tracker.finish({**runs[-1], **{f"{r['mask']}.{k}": v for r in removal[-3:] for k, v in r.items()
+                                                 if k not in ident and k != "mask"}})
                 log.info("subnet %s seed %d: density %.4f (%.0f s); %s", name, seed, frac, seconds,
                          {k: round(v, 3) for k, v in removal[-2].items() if k not in ident and k != "mask"})
         pd.DataFrame(removal).to_csv(tmp / "removal.csv", index=False)

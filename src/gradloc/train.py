@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import engine, methods, schema
+from . import engine, methods, modelcard, schema, tracking
 from .io import InputError, as_list, atomic_output, write_json
 from .methods import augment, replay
 from .models import max_positions
@@ -207,10 +207,12 @@ def train_one(params: dict, init, tokens, selection, period, seed, state, out, g
                                       W)
     fp = engine.fingerprint(cfg, [init, tokens, selection, attention, tagged, corpus, weighting_model, subnet], period,
                             seed, W)
+    tracker = tracking.Run("train", cfg["name"], seed, period, config={**cfg, "period": period, "seed": seed})
     model, optimizer, progress = engine.fit(
         accelerator, prepared.model, optimizer, scheduler, data, engine.StepBatches(rows, total_steps, A, W),
         grad_clip=cfg["grad_clip"], log_every=cfg["log_every"], desc=f"train {cfg['name']} P{period}",
-        state=state, fp=fp, save_every=cfg["save_every"], epoch_of=lambda step: step // steps_per_epoch)
+        state=state, fp=fp, save_every=cfg["save_every"], epoch_of=lambda step: step // steps_per_epoch,
+        tracker=tracker)
 
     metrics = {}
     if accelerator.is_main_process:
@@ -218,7 +220,8 @@ def train_one(params: dict, init, tokens, selection, period, seed, state, out, g
                     **{k: v for k, v in extra.items() if k != "augment.md"}}
         metrics = write_outputs(accelerator.unwrap_model(model), tokenizer, optimizer, prepared, cfg, progress,
                                 total_steps, n_diff=data.n_diff, out=out, period=period, seed=seed, run_info=run_info,
-                                files={**{k: v for k, v in extra.items() if k == "augment.md"}, **files})
+                                files={**{k: v for k, v in extra.items() if k == "augment.md"}, **files}, init=init)
+    tracker.finish(metrics)
     accelerator.wait_for_everyone()
     if state and accelerator.is_main_process:
         shutil.rmtree(state, ignore_errors=True)  # finished: the resumable state is spent
@@ -308,7 +311,7 @@ def optimizer_state_bytes(optimizer) -> int:
 
 
 def write_outputs(model, tokenizer, optimizer, prepared, cfg, progress, total_steps, n_diff, out, period, seed,
-                  run_info=None, files=None):
+                  run_info=None, files=None, init=None):
     params = {id(p): p for p in model.parameters()}.values()
     n_replay = round(cfg["method"]["replay"]["ratio"] * n_diff) if "replay" in cfg["method"] else 0
     metrics = {
@@ -327,6 +330,7 @@ def write_outputs(model, tokenizer, optimizer, prepared, cfg, progress, total_st
     }
     with atomic_output(out) as tmp:
         methods.save_checkpoint(model, tokenizer, tmp / "model")
+        modelcard.write(tmp / "model", modelcard.train_meta(cfg, metrics, init))
         with open(tmp / "log.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
             writer.writeheader()

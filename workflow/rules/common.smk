@@ -30,6 +30,15 @@ from gradloc.data.temporalwiki import check_base
 check_base(config)
 
 R = config["results"]
+
+# Tracking (gradloc.tracking) reaches every job in the environment, not in a rule's params
+# or command: switching the tracker reruns nothing, and it changes no number.
+from gradloc.tracking import settings as _tracking
+
+TRACKING = _tracking(config.get("tracking") or {})
+TRACKING["dir"] = TRACKING["dir"] or f"{R}/tracking"
+os.environ.update(GRADLOC_TRACKING=json.dumps(TRACKING))
+
 METHODS = list(config["train"]["methods"])
 SEEDS = [int(s) for s in config["train"]["seeds"]]
 
@@ -229,3 +238,32 @@ wildcard_constraints:
 # the same rules work in a conda env built from envs/*.yaml on a cluster node.
 _src = os.path.join(workflow.basedir, "src")
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [_src, os.environ.get("PYTHONPATH", "")])))
+
+
+# --- around the runs (issue 23; rules in extras.smk) -------------------------------------
+
+LM_EVAL = config.get("lm_eval")
+
+
+def final_checkpoints(w):
+    """A method's checkpoints after the last period, seed by seed (lm_eval's inputs)."""
+    return [train_dir(w.method, s, max(periods())) for s in SEEDS]
+
+
+def tracked_inputs(w):
+    """Every training stage's output: its tracker runs are complete once these exist."""
+    out = [f"{R}/base_model", f"{R}/subnet"]
+    if uses_camels():
+        out.append(f"{R}/weighting_model")
+    if uses_camels() or any(needs_attention(m) for m in METHODS):
+        out.append(f"{R}/small_model")
+    return out
+
+
+def extra_targets():
+    out = [f"{R}/model_cards"]
+    if TRACKING["backend"] == "tensorboard":
+        out.append(f"{R}/report/tracked_train.png")
+    if LM_EVAL:
+        out.append(f"{R}/report/general_ability.md")
+    return out
