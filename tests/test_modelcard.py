@@ -30,16 +30,17 @@ def test_model_cards_stage_adds_the_evaluation(world, tmp_path):  # noqa: F811
     run(world, tmp_path / "train", {"layers": "all"}, selection=False)
     metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
     summary = {"method": "m", "seed": 0, "period": 1, "heldout_ppl": 12.5,
-               "new": {"object_ppl": 30.25, "statement_ppl": 8.0, "top1": 0.125, "n": 8}}
+               "new": {"object_ppl": 30.25, "statement_ppl": 8.0, "top1": 0.125, "n": 8},
+               "facts": {"candidates": 10, "sets": {"new": {"hits1": 0.375, "chance_hits1": 0.1, "n": 8}}}}
     (tmp_path / "eval").mkdir()
     write_json(summary, tmp_path / "eval" / "summary.json")
     modelcard.run({}, trains=[str(tmp_path / "train")], evals=[str(tmp_path / "eval")], out=tmp_path / "cards")
     card = ModelCard.load(tmp_path / "cards" / "m" / "seed0" / "P1" / "README.md")
     results = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert results[("new", "object_ppl")] == 30.25 and results[("new", "top1")] == 0.125
-    assert results[(None, "perplexity")] == 12.5
+    assert results[(None, "perplexity")] == 12.5 and results[("new", "hits@1")] == 0.375
     assert card.data.to_dict()["gradloc"]["training_tokens"] == metrics["tokens"]
-    assert "| new | 30.25 | 8 | 0.125 | 8 |" in card.text
+    assert "| new | 0.375 (0.1) | 30.25 | 8 | 0.125 | 8 |" in card.text
     assert f"| training tokens | {metrics['tokens']} |" in card.text
 
 

@@ -73,7 +73,15 @@ def write(folder, meta: dict, results: dict | None = None) -> Path:
 
     evals = []
     for key, value in (results or {}).items():
-        if isinstance(value, dict):  # one probe set
+        if key == "facts" and isinstance(value, dict):  # fact-level: hits@1 among the candidates
+            for name, entry in (value.get("sets") or {}).items():
+                if entry.get("hits1") is not None:
+                    evals.append(EvalResult(task_type="text-generation", dataset_type="gradloc-probes",
+                                            dataset_name=f"period {results.get('period')} probes",
+                                            dataset_split=name, metric_type="hits@1",
+                                            metric_name=f"{name} hits@1 among {value.get('candidates')} candidates",
+                                            metric_value=float(entry["hits1"])))
+        elif isinstance(value, dict):  # one probe set
             for metric in ("object_ppl", "statement_ppl", "top1"):
                 if value.get(metric) is not None:
                     evals.append(EvalResult(task_type="text-generation", dataset_type="gradloc-probes",
@@ -100,11 +108,14 @@ def write(folder, meta: dict, results: dict | None = None) -> Path:
 def results_text(results: dict | None) -> str:
     if not results:
         return "\n## Evaluation\n\nNot evaluated yet: the `model-cards` stage writes this card again with results.\n"
-    rows = ["| set | object ppl | statement ppl | top-1 | n |", "|---|---|---|---|---|"]
+    facts = (results.get("facts") or {}).get("sets") or {}
+    rows = ["| set | hits@1 (chance) | object ppl | statement ppl | top-1 | n |", "|---|---|---|---|---|---|"]
     for key, v in results.items():
         if isinstance(v, dict) and "n" in v:
-            rows.append(f"| {key} | {_num(v.get('object_ppl'))} | {_num(v.get('statement_ppl'))} | "
-                        f"{_num(v.get('top1'))} | {v['n']} |")
+            f = facts.get(key) or {}
+            rows.append(f"| {key} | {_num(f.get('hits1'))} ({_num(f.get('chance_hits1'))}) | "
+                        f"{_num(v.get('object_ppl'))} | {_num(v.get('statement_ppl'))} | {_num(v.get('top1'))} | "
+                        f"{v['n']} |")
     held = results.get("heldout_ppl")
     return (f"\n## Evaluation (period {results.get('period')})\n\n" + "\n".join(rows) +
             f"\n\nHeld-out perplexity: {_num(held)}\n")
