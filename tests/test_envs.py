@@ -174,3 +174,15 @@ def test_imports_of_follows_gradloc_imports():
     # basemodel reaches torch itself and jsonschema only through gradloc.schema
     assert {"torch", "jsonschema"} <= imports_of("gradloc.basemodel")
     assert "torch" not in imports_of("gradloc.split")
+
+
+def test_one_device_choice():
+    """Every model stage places its model with gradloc.models.device (train: accelerate,
+    which makes the same choice); no stage has its own test for a GPU."""
+    from gradloc import basemodel, evaluate, metatrain, models, profile
+
+    assert metatrain.device is models.device and basemodel.device is models.device  # attention: basemodel's
+    assert evaluate.device is models.device and profile.device is models.device
+    own = [p.name for p in (SRC / "gradloc").rglob("*.py")
+           if "cuda.is_available()" in p.read_text() and p.name not in ("models.py", "engine.py")]
+    assert not own, f"these modules choose a device themselves: {own}"
