@@ -83,3 +83,22 @@ def job_counts(out: str) -> dict[str, int]:
     """{rule: count} from a Snakemake dry run's job-stats table."""
     table = out[out.index("Job stats:"):]
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
+
+
+def tiny_train_world(root) -> Path:
+    """root/base_model (a 2-block GPT-2, character tokenizer) and root/tokens over 12 base
+    and 8 period-1 documents: the inputs of `gradloc train --period 1`."""
+    import pandas as pd
+
+    from gradloc.models import save_model
+
+    root = Path(root)
+    save_model(tiny_gpt2(96, n_layer=2), char_tokenizer(), root / "base_model" / "model")
+    rows = [("base", 0, f"Base {i}: river {i % 3} is long and wide.") for i in range(12)]
+    rows += [("train", 1, f"New {i}: Alice {i} works at Acme now.") for i in range(8)]
+    df = pd.DataFrame([{"seq_id": f"s{i}", "period": p, "split": s, "doc_id": f"d{i}", "origin": "diff",
+                        "text": t, "knowledge_type": "none"} for i, (s, p, t) in enumerate(rows)])
+    (root / "tagged").mkdir(parents=True)
+    df.to_parquet(root / "tagged" / "sequences.parquet")
+    make_tokens(root / "base_model", root / "tagged", root / "tokens")
+    return root

@@ -44,3 +44,30 @@ def test_paper_without_base_fails_before_any_job(tmp_path):
     assert "data.temporalwiki.download_base is false" in out and "replay in train.methods" in out
     assert "Fix: set data.temporalwiki.download_base: true" in out
     assert not (tmp_path / "results").exists()
+
+
+def test_paper_effective_batch_is_the_stated_64():
+    """The comment's statement, the config's numbers and the engine's batches agree:
+    batch_size x grad_accum x GPUs (the train rule's default gpu=1) = 64."""
+    import re
+
+    stated = int(re.search(r"Effective global batch (\d+)", (ROOT / "config" / "paper.yaml").read_text()).group(1))
+    train = PAPER["train"]
+    assert stated == 64 == train["batch_size"] * train["grad_accum"] * 1
+    assert re.search(r"^\s+gpu=1,$", (ROOT / "workflow/rules/training.smk").read_text(), flags=re.M)
+
+
+def test_engine_steps_consume_batch_size_x_grad_accum_blocks(tmp_path):
+    """One optimizer step = batch_size x grad_accum blocks on one process (accelerate's
+    gradient accumulation), so steps = ceil(blocks / 8) for 2 x 4."""
+    import math
+
+    from helpers import tiny_train_world
+
+    from gradloc import train
+
+    world = tiny_train_world(tmp_path / "world")
+    common = {"lr": 1e-3, "batch_size": 2, "grad_accum": 4, "seq_len": 16, "precision": "no", "epochs": 2}
+    m = train.run({"name": "m", "common": common, "method": {"layers": "all"}}, init=world / "base_model",
+                  tokens=world / "tokens", period=1, seed=0, out=tmp_path / "out")
+    assert m["diff_blocks"] > 8 and m["steps"] == 2 * math.ceil(m["diff_blocks"] / 8)

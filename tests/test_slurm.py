@@ -243,3 +243,91 @@ def test_pipeline_through_slurm_equals_local_run(cluster, test_run, tmp_path):
         assert json.loads((results / rel).read_text()) == json.loads((test_run / rel).read_text()), rel
     pd.testing.assert_frame_equal(comparable_table(results / "report/table.csv"),
                                   comparable_table(test_run / "report/table.csv"))
+
+
+def train_workflow(tmp_path: Path, epochs: int) -> tuple[dict, Path]:
+    """A workflow of one `train` rule (the profile's train settings apply) running the real
+    `gradloc train` on a tiny model, resumable state outside the output, both attempts'
+    logs appended to train.log. Returns (its params, the output folder)."""
+    from helpers import tiny_train_world
+
+    world = tiny_train_world(tmp_path / "world")
+    params = {"name": "m", "method": {"layers": "all"},
+              "common": {"lr": 1e-2, "batch_size": 2, "seq_len": 32, "log_every": 50, "precision": "no",
+                         "epochs": epochs, "save_every": 25}}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    (tmp_path / "Snakefile").write_text(
+        'rule train:\n    output: directory("out/model")\n    threads: 1\n    resources: gpu=0\n'
+        f'    shell: "echo $SLURM_JOB_ID >> attempts.txt; OMP_NUM_THREADS=1 PYTHONPATH={REPO / "src"} '
+        f"{sys.executable} -m gradloc train --params @params.json --init {world / 'base_model'} "
+        f'--tokens {world / "tokens"} --period 1 --seed 0 --state state --out {{output}} >> train.log 2>&1"\n')
+    return params, world
+
+
+def interrupt_training(cluster: str, tmp_path: Path, interrupt, *args: str) -> str:
+    """Run the train workflow through the profile; once the job has saved a state,
+    `interrupt(job_id)`; return Snakemake's output once the workflow finished."""
+    cmd, env = slurm_command(cluster, tmp_path, *args)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "state" / "latest.json").exists():
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "the job never saved a state"
+            time.sleep(0.2)
+        interrupt((tmp_path / "attempts.txt").read_text().split()[0])
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-4000:] + (tmp_path / "train.log").read_text()[-4000:]
+    return out
+
+
+def check_resumed_equal(tmp_path: Path, params: dict, world: Path, signal_name: str) -> None:
+    from safetensors.torch import load_file
+
+    log = (tmp_path / "train.log").read_text()
+    stopped = re.search(rf"stopped by {signal_name} at step (\d+) of (\d+): state saved in state; exit 75", log)
+    assert stopped, log[-4000:]
+    resumed = re.search(r"resuming from state at step (\d+)", log)
+    assert resumed and int(resumed.group(1)) == int(stopped.group(1)) > 0, log[-4000:]
+    assert int(stopped.group(1)) < int(stopped.group(2))
+    # the uninterrupted run: the same command, the same single thread (a thread count changes float sums)
+    subprocess.run([sys.executable, "-m", "gradloc", "train", "--params", "@params.json", "--init",
+                    str(world / "base_model"), "--tokens", str(world / "tokens"), "--period", "1", "--seed", "0",
+                    "--out", "uninterrupted"], cwd=tmp_path, check=True, capture_output=True, timeout=600,
+                   env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")})
+    a = load_file(tmp_path / "uninterrupted/model/model.safetensors")
+    b = load_file(tmp_path / "out/model/model/model.safetensors")
+    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a), "resumed weights differ"
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_requeued_training_resumes_to_the_same_weights(cluster, tmp_path):
+    """`scontrol requeue` mid-training (SIGTERM to the job, then SLURM runs it again under
+    the same id): the first attempt saves and stops, the second resumes at that step, and
+    the weights equal an uninterrupted run's."""
+    params, world = train_workflow(tmp_path, epochs=100)
+    interrupt_training(cluster, tmp_path, lambda job: subprocess.run(["scontrol", "requeue", job], check=True,
+                                                                     timeout=30))
+    attempts = (tmp_path / "attempts.txt").read_text().split()
+    assert len(attempts) == 2 and attempts[0] == attempts[1], attempts  # SLURM ran the same job twice
+    check_resumed_equal(tmp_path, params, world, "SIGTERM")
+
+
+def test_usr1_to_the_batch_shell_stops_training_and_the_retry_resumes(cluster, tmp_path):
+    """`scancel --signal=USR1 --batch`, what the profile's `--signal=B:USR1@300` does ahead
+    of the time limit: the batch shell ends, SLURM stops the job's processes with SIGTERM,
+    training saves and stops; Snakemake's retry resumes it to the same weights."""
+    params, world = train_workflow(tmp_path, epochs=100)
+    interrupt_training(cluster, tmp_path,
+                       lambda job: subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True,
+                                                  timeout=30), "--retries", "1")
+    attempts = (tmp_path / "attempts.txt").read_text().split()
+    assert len(attempts) == 2 and attempts[0] != attempts[1], attempts  # a new job, the retry
+    check_resumed_equal(tmp_path, params, world, "SIGTERM")

@@ -23,6 +23,7 @@ from .io import InputError, NonFiniteError
 # stage -> (module, [(argument, help)]); each module exposes run(params, **arguments)
 STAGES = {
     "download": ("gradloc.data.download", [("out", "output folder (corpus)")]),
+    "prefetch": ("gradloc.prefetch", [("out", "record of what was fetched (JSON file)")]),
     "split": ("gradloc.split", [("corpus", "corpus folder"), ("out", "output folder")]),
     "tag": ("gradloc.tagging", [("corpus", "corpus folder"), ("split", "split folder"), ("out", "output folder")]),
     "probes": ("gradloc.probes", [("corpus", "corpus folder"), ("tagged", "tagged folder"), ("out", "output folder")]),

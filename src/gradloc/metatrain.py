@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from . import schema, tracking
 from .engine import lm_loss
 from .io import InputError, atomic_output, read_table, write_json
 from .methods import load_checkpoint
+from .models import device
 from .methods.weighting import WeightingModel, check_same_tokenizer, summary as weight_summary
 from .tokens import load as load_tokens
 
@@ -165,12 +167,13 @@ def episodes_data(toks, tokenizer, tagged, probes, cfg: dict) -> dict:
     return out
 
 
-def make_episode(docs: list[dict], other: list[list[int]], cfg: dict, rng) -> dict:
+def make_episode(docs: list[dict], other: list[list[int]], cfg: dict, rng, dev=None) -> dict:
     qs = [p for d in docs for p in d["probes"]]
     labels = [[-100] * (len(ids) - n) + ids[-n:] for ids, n in qs]
     kl = [other[i] for i in rng.choice(len(other), min(cfg["kl_docs"], len(other)), replace=False)]
-    return {"docs": [torch.as_tensor([d["ids"]]) for d in docs], "probes": pad([q[0] for q in qs], labels),
-            "kl": pad(kl)}
+    return {"docs": [torch.as_tensor([d["ids"]], device=dev) for d in docs],
+            "probes": tuple(t.to(dev) for t in pad([q[0] for q in qs], labels)),
+            "kl": tuple(t.to(dev) for t in pad(kl))}
 
 
 # --- the stage ------------------------------------------------------------------------------
@@ -182,20 +185,23 @@ def run(params: dict, base, backbone, tokens, tagged, probes, out) -> None:
         raise InputError("camels.inner_steps: 0 inner steps leave the base model unchanged, so the weights get no "
                          "gradient; use >= 1")
     cfg = schema.fill("camels", params, where="camels params")
+    dev = device()  # the GPU when there is one, as in every model stage
+    if dev.type == "cuda":  # deterministic cuBLAS (use_deterministic_algorithms below) needs this
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(cfg["seed"])
     torch.use_deterministic_algorithms(True)
     model, tokenizer = load_checkpoint(base, dtype=torch.float32)
     bb, btok = load_checkpoint(backbone, dtype=torch.float32)
     check_same_tokenizer(tokenizer, btok, str(backbone))
-    twice_differentiable(model).eval().requires_grad_(False)
-    wmodel = WeightingModel(bb, cfg["head_hidden"], cfg["beta"]).eval()  # eval: no dropout, deterministic
+    twice_differentiable(model).to(dev).eval().requires_grad_(False)
+    wmodel = WeightingModel(bb, cfg["head_hidden"], cfg["beta"]).to(dev).eval()  # eval: no dropout, deterministic
     toks = load_tokens(tokens, tokenizer)
     data = episodes_data(toks, tokenizer, tagged, probes, cfg)
     K = cfg["inner_steps"]
     rng = np.random.default_rng(cfg["seed"])
     vrng = np.random.default_rng([cfg["seed"], 1])
     val = [make_episode([data["val"][i] for i in vrng.choice(len(data["val"]), min(K, len(data["val"])),
-                                                           replace=False)], data["other"], cfg, vrng)
+                                                           replace=False)], data["other"], cfg, vrng, dev)
            for _ in range(cfg["val_episodes"])]
     theta0 = {k: v.detach() for k, v in model.named_parameters()}
     opt = torch.optim.Adam(wmodel.parameters(), lr=cfg["outer_lr"])
@@ -231,7 +237,7 @@ def run(params: dict, base, backbone, tokens, tagged, probes, out) -> None:
         if step == cfg["outer_steps"]:
             break
         docs = [data["train"][i] for i in rng.choice(len(data["train"]), min(K, len(data["train"])), replace=False)]
-        loss, qa, kl, after = outer_loss(wmodel, model, params, make_episode(docs, data["other"], cfg, rng), cfg)
+        loss, qa, kl, after = outer_loss(wmodel, model, params, make_episode(docs, data["other"], cfg, rng, dev), cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -241,6 +247,7 @@ def run(params: dict, base, backbone, tokens, tagged, probes, out) -> None:
         seen += len(docs)
         params = theta0 if seen % cfg["reset_every"] < len(docs) else {k: v.detach() for k, v in after.items()}
     wmodel.load_state_dict(best_state)
+    wmodel.cpu()  # saved and summarised from the CPU: head.pt loads anywhere
 
     # What the weights learned: entity/object tokens vs the others, on the validation documents.
     vdocs = data["val"]

@@ -75,6 +75,9 @@ def load_model(path_or_id, *, revision=None, gguf_file=None, dtype=None):
         model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         if not local:
+            from .prefetch import offline, offline_error
+            if offline() and isinstance(e, OSError):
+                raise offline_error(f"model {path_or_id}", revision, e) from None
             raise
         where = Path(path_or_id) / gguf_file if gguf_file else Path(path_or_id)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

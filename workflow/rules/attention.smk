@@ -5,6 +5,7 @@ rule small_model:
         probes=rules.probes.output[0],
         # source scratch: trained with the base model's tokenizer, so the pair shares one
         tokenizer=rules.base_model.output[0],
+        prefetched=prefetch_input,
     output:
         directory(f"{R}/small_model"),
     params:

@@ -1,4 +1,6 @@
 rule download:
+    input:
+        prefetch_input,
     output:
         directory(f"{R}/corpus"),
     params:

@@ -1,5 +1,9 @@
 # One job per method and period evaluates the checkpoints of every seed: a process pays
 # ~4 s of torch/transformers imports, three times what a small model's evaluation costs.
+# A GPU for a hub (pretrained/gguf) model, none for a small scratch model (the CPU default).
+EVAL_GPUS = 0 if config["model"]["source"] == "scratch" else 1
+
+
 rule evaluate:
     input:
         models=method_checkpoints,
@@ -13,6 +17,8 @@ rule evaluate:
         f"{R}/logs/eval/{{method}}/P{{period}}.log",
     # One thread per job: small models scale badly past one core, two jobs in parallel do not.
     threads: 1
+    resources:
+        gpu=EVAL_GPUS,
     conda:
         "../../envs/train.yaml"
     shell:
@@ -33,6 +39,8 @@ rule evaluate_base:
         f"{R}/logs/eval/base/P{{period}}.log",
     # One thread per job: small models scale badly past one core, two jobs in parallel do not.
     threads: 1
+    resources:
+        gpu=EVAL_GPUS,
     conda:
         "../../envs/train.yaml"
     shell:

@@ -3,6 +3,7 @@ rule base_model:
         corpus=rules.download.output[0],
         split=f"{R}/split",
         probes=rules.probes.output[0],
+        prefetched=prefetch_input,
     output:
         directory(f"{R}/base_model"),
     params:

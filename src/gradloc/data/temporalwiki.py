@@ -221,7 +221,13 @@ def fetch(p: dict) -> Path:
     patterns = HUB_ZIPS + ([HUB_BASE_ZIP] if p["download_base"] else [])
     log.info("downloading %s (revision %s) from the Hugging Face hub: %s", p["hub_id"], p["revision"] or "main",
              patterns)
-    return Path(_snapshot_download(p["hub_id"], p["revision"], patterns))
+    try:
+        return Path(_snapshot_download(p["hub_id"], p["revision"], patterns))
+    except OSError as e:
+        from ..prefetch import offline, offline_error
+        if offline():
+            raise offline_error(f"dataset {p['hub_id']}", p["revision"], e) from None
+        raise
 
 
 # --- reading chunks -----------------------------------------------------------------------------

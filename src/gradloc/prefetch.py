@@ -1,0 +1,69 @@
+"""Stage `gradloc prefetch`: download, once and on a host with network, everything the
+jobs would fetch from the Hugging Face hub (the TemporalWiki release, hub models), so
+that cluster jobs run offline (HF_HUB_OFFLINE=1) from the cache.
+
+`params`: {"data": the data section, "models": [model settings, ...]}. The cache is
+huggingface_hub's (HF_HUB_CACHE; the workflow points it at $GRADLOC_CACHE or
+<results>/hf_cache). Writes `out` (JSON): what is cached, with the commit each resolved to.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .io import InputError, atomic_output, write_json
+
+log = logging.getLogger(__name__)
+
+OFFLINE_HINT = ("run the workflow's `prefetch` rule first, on a host with network "
+                "(`snakemake prefetch --configfile ...`), or point the setting at a local folder")
+
+
+def hub_models(models: list[dict]) -> list[dict]:
+    """The model settings that name a hub repo (not a local folder, not scratch)."""
+    return [m for m in models if m.get("source", "scratch") != "scratch" and m.get("name_or_path")
+            and not Path(str(m["name_or_path"])).exists()]
+
+
+def needs_prefetch(data: dict, models: list[dict]) -> bool:
+    twiki = data.get("source") == "temporalwiki" and not (data.get("temporalwiki") or {}).get("local_dir")
+    return bool(twiki or hub_models(models))
+
+
+def offline_error(what: str, revision, error: Exception) -> InputError:
+    """One line for a hub file missing from the cache of an offline job."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    return InputError(f"{what} (revision {revision or 'main'}) is not in the Hugging Face cache ({cache}) and "
+                      f"this job runs offline (HF_HUB_OFFLINE=1): {OFFLINE_HINT} "
+                      f"[{type(error).__name__}]")
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def run(params: dict, out) -> None:
+    from huggingface_hub import snapshot_download
+
+    from .data import temporalwiki
+
+    data, models = params.get("data") or {}, params.get("models") or []
+    fetched = []
+    if data.get("source") == "temporalwiki":
+        p = temporalwiki.with_defaults(data.get("temporalwiki"))
+        if not p["local_dir"]:
+            root = temporalwiki.fetch(p)
+            fetched.append({"repo": p["hub_id"], "type": "dataset", "revision": p["revision"], "path": str(root)})
+    for m in hub_models(models):
+        kwargs = {"revision": m.get("revision")}
+        if m.get("gguf_file"):
+            kwargs["allow_patterns"] = [m["gguf_file"], "*.json", "*.model", "*.txt"]
+        log.info("prefetching model %s (revision %s)", m["name_or_path"], m.get("revision") or "main")
+        path = snapshot_download(m["name_or_path"], **kwargs)
+        fetched.append({"repo": m["name_or_path"], "type": "model", "revision": m.get("revision"), "path": path})
+    if not fetched:
+        log.info("prefetch: nothing to fetch (local data and models)")
+    with atomic_output(out, is_dir=False) as tmp:
+        write_json({"cache": os.environ.get("HF_HUB_CACHE"), "fetched": fetched}, tmp)
