@@ -145,7 +145,8 @@ def pretrain(model, tokenizer, texts: list[str], pre: dict, state=None, accelera
     fp = engine.fingerprint(pre, [], hashlib.sha256(stream.numpy().tobytes()).hexdigest(), model.config.to_json_string(), W)
     trained, _, progress = engine.fit(accelerator, model, opt, sched, Windows(stream, starts, seq_len), batches,
                                       grad_clip=pre["grad_clip"], log_every=1, desc="pretrain T0", state=state,
-                                      fp=fp, save_every=pre["save_every"], tracker=tracker)
+                                      fp=fp, save_every=pre["save_every"], tracker=tracker,
+                                      save_every_minutes=pre["save_every_minutes"])
     rows = [{"step": r["step"] - 1, "loss": r["loss"], "lr": r["lr"]} for r in progress["log"]]
     if rows:
         rows[-1]["tokens"] = progress["tokens"]  # the run's training tokens (for the model card)

@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -173,17 +175,68 @@ def check_gpus(requested: int, num_processes: int, stage: str = "train") -> None
                          f"with `accelerate launch --multi_gpu --num_processes {requested} -m gradloc {stage} ...`")
 
 
+# --- preemption ----------------------------------------------------------------------------
+
+# sysexits' EX_TEMPFAIL ("try again later"): the exit code of a job stopped by SIGTERM or
+# SIGUSR1 after saving its state. Snakemake's `retries` resubmit it; a site can also list
+# it in slurm.conf's RequeueExit.
+PREEMPTED_EXIT = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(SystemExit):
+    """Raised by `fit` after saving its state on SIGTERM/SIGUSR1; exits the process with
+    PREEMPTED_EXIT (a SystemExit, so no stage's `except Exception` swallows it)."""
+
+    def __init__(self, message: str):
+        super().__init__(PREEMPTED_EXIT)
+        self.message = message
+
+
+class StopRequest:
+    """While active, SIGTERM and SIGUSR1 only set `signum`; the loop checks it at each step
+    boundary. The previous handlers come back on exit. (Signals can only be caught in the
+    main thread; elsewhere this does nothing.)"""
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 # --- the loop ----------------------------------------------------------------------------
 
 def fit(accelerator, model, optimizer, scheduler, dataset: Dataset, batches: StepBatches, *,
         grad_clip: float | None, log_every: int, desc: str, state=None, fp: str = "", save_every: int = 0,
-        loss_fn: Callable = causal_lm_loss, epoch_of: Callable[[int], int] = lambda step: 0, tracker=None):
+        loss_fn: Callable = causal_lm_loss, epoch_of: Callable[[int], int] = lambda step: 0, tracker=None,
+        save_every_minutes: float = 0):
     """Train for `batches.total_steps` optimizer steps; returns (prepared model,
     optimizer, progress) with progress["log"] rows {step, epoch, loss, lr, tokens_per_s}
     (loss: mean over the steps since the last row). Resumes from `state` when it holds
-    a state of the same fingerprint; saves one every `save_every` steps. A
-    `tracking.Run` gets each step's loss, lr, gradient norm and guard state and each log
+    a state of the same fingerprint; saves one every `save_every` steps and, with
+    `save_every_minutes`, at the first step boundary that many minutes after the last
+    save. On SIGTERM or SIGUSR1 it saves at the next step boundary and raises Preempted.
+    A `tracking.Run` gets each step's loss, lr, gradient norm and guard state and each log
     row, at the loop's existing host syncs."""
+    with StopRequest() as stop:
+        return _fit(accelerator, model, optimizer, scheduler, dataset, batches, grad_clip, log_every, desc, state, fp,
+                    save_every, loss_fn, epoch_of, save_every_minutes, stop, tracker)
+
+
+def _fit(accelerator, model, optimizer, scheduler, dataset, batches, grad_clip, log_every, desc, state, fp,
+         save_every, loss_fn, epoch_of, save_every_minutes, stop, tracker=None):
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     loader = accelerator.prepare(make_loader(dataset, batches))
     progress = load_progress(accelerator, state, fp)
@@ -206,7 +259,7 @@ def fit(accelerator, model, optimizer, scheduler, dataset: Dataset, batches: Ste
     check_norms = accelerator.mixed_precision != "fp16"
     bar = tqdm(total=total, initial=progress["step"], desc=desc, file=sys.stderr, mininterval=2,
                disable=not accelerator.is_local_main_process)
-    micro = 0
+    micro, last_save = 0, time.time()
     for batch in loader:
         if micro == 0:
             lr = group["lr"] / group.get("lr_mult", 1.0)  # this step's base lr
@@ -235,6 +288,9 @@ def fit(accelerator, model, optimizer, scheduler, dataset: Dataset, batches: Ste
         step = progress["step"]
         row_due = step % log_every == 0 or step == total
         save_due = bool(state and save_every and step % save_every == 0 and step < total)
+        stopping = step < total and stop_due(accelerator, stop, save_every_minutes, last_save)
+        if stopping:
+            save_due = bool(state)
         step_lrs.append(lr)
         if row_due or save_due:
             if tracker is not None:
@@ -258,9 +314,28 @@ def fit(accelerator, model, optimizer, scheduler, dataset: Dataset, batches: Ste
         progress["elapsed"] = time.time() - started
         if save_due:
             save_progress(accelerator, state, {**progress, "window": window, "fingerprint": fp})
+            last_save = time.time()
+        if stopping and stopping != "time":
+            bar.close()
+            where = f"state saved in {state}" if state else "no state folder (--state), nothing saved"
+            message = f"stopped by {stopping} at step {step} of {total}: {where}; exit {PREEMPTED_EXIT}, rerun to resume"
+            log.warning(message)
+            raise Preempted(message)
     bar.close()
     accelerator.wait_for_everyone()
     return model, optimizer, progress
+
+
+def stop_due(accelerator, stop: StopRequest, minutes: float, last_save: float):
+    """At a step boundary: the name of the signal that asks the run to stop, "time" when
+    a time-based save is due, else None. Several processes agree on it (one all-reduce
+    per step, only then); a signal reaching any process stops all of them."""
+    due = [float(stop.signum or 0), float(bool(minutes) and time.time() - last_save >= 60 * minutes)]
+    if accelerator.num_processes > 1:
+        due = accelerator.reduce(torch.tensor(due, device=accelerator.device), "max").tolist()
+    if due[0]:
+        return signal.Signals(int(due[0])).name
+    return "time" if due[1] else None
 
 
 def check_finite(accelerator, losses: list, finite: list, lrs: list, step: int, A: int, progress: dict) -> None:

@@ -49,6 +49,9 @@ def run(params: dict, out) -> None:
 
     from .data import temporalwiki
 
+    unknown = set(params) - {"data", "models"}
+    if unknown:
+        raise InputError(f"prefetch params: unknown key(s) {sorted(unknown)}; expected data, models")
     data, models = params.get("data") or {}, params.get("models") or []
     fetched = []
     if data.get("source") == "temporalwiki":

@@ -212,7 +212,7 @@ def train_one(params: dict, init, tokens, selection, period, seed, state, out, g
         accelerator, prepared.model, optimizer, scheduler, data, engine.StepBatches(rows, total_steps, A, W),
         grad_clip=cfg["grad_clip"], log_every=cfg["log_every"], desc=f"train {cfg['name']} P{period}",
         state=state, fp=fp, save_every=cfg["save_every"], epoch_of=lambda step: step // steps_per_epoch,
-        tracker=tracker)
+        tracker=tracker, save_every_minutes=cfg["save_every_minutes"])
 
     metrics = {}
     if accelerator.is_main_process:

@@ -267,3 +267,18 @@ def extra_targets():
     if LM_EVAL:
         out.append(f"{R}/report/general_ability.md")
     return out
+
+
+# Offline compute nodes (the prefetch step of prefetch.smk) - the cache and the offline mode of the jobs,
+# only when the config fetches something from the hub.
+from gradloc.prefetch import needs_prefetch
+
+PREFETCH_MODELS = [config["model"], {**config["model"], **config["attention"]["small_model"]}]
+PREFETCH = needs_prefetch(config["data"], PREFETCH_MODELS)
+if PREFETCH:
+    os.environ.update(HF_HUB_CACHE=os.getenv("GRADLOC_CACHE") or os.path.abspath(f"{R}/hf_cache"),
+                      HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+
+def prefetch_input(wildcards):
+    return [f"{R}/prefetch.json"] if PREFETCH else []

@@ -2,24 +2,7 @@
 # the Hugging Face cache with the data release and hub models, once; every other job runs
 # with HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 from that cache ($GRADLOC_CACHE, else
 # <results>/hf_cache). Configs with only local or scratch inputs fetch nothing and are
-# left as they are (no prefetch job, no environment change).
-import os as _os
-
-from gradloc.prefetch import needs_prefetch as _needs_prefetch
-
-PREFETCH_MODELS = [config["model"], {**config["model"], **config["attention"]["small_model"]}]
-PREFETCH = _needs_prefetch(config["data"], PREFETCH_MODELS)
-HF_CACHE = _os.environ.get("GRADLOC_CACHE") or _os.path.abspath(f"{R}/hf_cache")
-if PREFETCH:
-    _os.environ["HF_HUB_CACHE"] = HF_CACHE
-    _os.environ["HF_HUB_OFFLINE"] = "1"
-    _os.environ["HF_DATASETS_OFFLINE"] = "1"
-
-
-def prefetch_input(wildcards):
-    return [f"{R}/prefetch.json"] if PREFETCH else []
-
-
+# left as they are (no prefetch job, no environment change). Settings: common.smk.
 localrules:
     prefetch,
 
