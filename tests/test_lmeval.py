@@ -61,9 +61,9 @@ def test_rules_on_the_test_config_offline(test_run, tmp_path):
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(cfg))
     r = snakemake("--cores", "2", "--configfile", str(path), "--config", f"results={results}",
-                  f"{results}/report/general_ability.md", env=OFFLINE, timeout=1200)
+                  f"{results}/extras/general_ability.md", env=OFFLINE, timeout=1200)
     assert r.returncode == 0, r.stderr[-5000:]
-    table = (results / "report" / "general_ability.md").read_text()
+    table = (results / "extras" / "general_ability.md").read_text()
     for m in cfg["train"]["methods"]:
         assert f"| {m} | gradloc_cloze | acc |" in table
     last = max(range(1, cfg["data"]["synthetic"]["n_snapshots"]))

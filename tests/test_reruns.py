@@ -63,7 +63,7 @@ def train_and_eval(cfg: dict, methods) -> set[tuple[str, str]]:
 
 # the report, and what reads every checkpoint beside it: model cards with results and the
 # tracker's curves (issue 23)
-REPORT = {("report", "report/table.csv"), ("model_cards", "model_cards"), ("tracked_curves", "report/tracked_train.png")}
+REPORT = {("report", "report/table.csv"), ("model_cards", "model_cards"), ("tracked_curves", "extras/tracked_train.png")}
 DATA = {("download", "corpus"), ("split", "split"), ("tag", "tagged"), ("probes", "probes")}
 
 
@@ -223,7 +223,7 @@ def test_evaluation_setting_reruns_every_evaluation_and_the_report(completed):
     jobs = dry_run_with(completed, {"evaluate": {"candidates": 5}})
     evals = {j for j in train_and_eval(cfg, cfg["train"]["methods"]) if j[0] == "evaluate"}
     assert jobs == (evals | {("evaluate_base", f"eval/base/P{p}") for p in periods(cfg)}
-                    | REPORT - {("tracked_curves", "report/tracked_train.png")})  # curves: from training only
+                    | REPORT - {("tracked_curves", "extras/tracked_train.png")})  # curves: from training only
 
 
 def test_negative_control_setting_reruns_only_the_control(completed):
@@ -238,11 +238,11 @@ def test_switching_the_tracker_reruns_nothing(completed):
     tracker only the figures drawn from its runs leave the targets."""
     assert dry_run_with(completed, {"tracking": {"backend": "none"}}) == set()
     # another folder: only the figures drawn from it
-    assert dry_run_with(completed, {"tracking": {"dir": "/elsewhere"}}) == {("tracked_curves", "report/tracked_train.png")}
+    assert dry_run_with(completed, {"tracking": {"dir": "/elsewhere"}}) == {("tracked_curves", "extras/tracked_train.png")}
 
 
 def test_lm_eval_adds_only_its_own_jobs(completed):
     _, _, cfg = completed
     jobs = dry_run_with(completed, {"lm_eval": {"tasks": ["gradloc_cloze"], "limit": 8}})
-    assert jobs == ({("lm_eval_base", "lm_eval/base"), ("general_ability", "report/general_ability.csv")}
+    assert jobs == ({("lm_eval_base", "lm_eval/base"), ("general_ability", "extras/general_ability.csv")}
                     | {("lm_eval", f"lm_eval/{m}/seed{cfg['train']['seeds'][0]}") for m in cfg["train"]["methods"]})

@@ -263,9 +263,9 @@ def tracked_inputs(w):
 def extra_targets():
     out = [f"{R}/model_cards"]
     if TRACKING["backend"] == "tensorboard":
-        out.append(f"{R}/report/tracked_train.png")
+        out.append(f"{R}/extras/tracked_train.png")
     if LM_EVAL:
-        out.append(f"{R}/report/general_ability.md")
+        out.append(f"{R}/extras/general_ability.md")
     return out
 
 

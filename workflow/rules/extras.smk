@@ -39,9 +39,9 @@ rule general_ability:
         base=rules.lm_eval_base.output[0],
         evals=[f"{R}/lm_eval/{m}/seed{s}" for m in METHODS for s in SEEDS],
     output:
-        csv=report(f"{R}/report/general_ability.csv", caption="../report/general_ability.rst",
+        csv=report(f"{R}/extras/general_ability.csv", caption="../report/general_ability.rst",
                    category="General ability", labels={"figure": "general ability (CSV)"}),
-        md=report(f"{R}/report/general_ability.md", caption="../report/general_ability.rst",
+        md=report(f"{R}/extras/general_ability.md", caption="../report/general_ability.rst",
                   category="General ability", labels={"figure": "general ability (Markdown)"}),
     params:
         out=lambda w, output: os.path.dirname(output.csv),
@@ -72,7 +72,7 @@ rule tracked_curves:
         trains=report_trains,
         others=tracked_inputs,
     output:
-        **{k: report(f"{R}/report/tracked_{k}.png", caption=f"../report/tracked_{k}.rst", category="Training",
+        **{k: report(f"{R}/extras/tracked_{k}.png", caption=f"../report/tracked_{k}.rst", category="Training",
                      labels={"figure": f"tracked {k} curves"}) for k in ("train", "pretrain", "subnet", "camels")},
     params:
         # the figures' resolution only: a report title reruns the report alone
