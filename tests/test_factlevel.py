@@ -170,3 +170,24 @@ def test_score_pairs_equals_probe_scoring():
         lp, n = score_pairs(model, tokenizer, probes["prefix"], probes["object"], batch)
         np.testing.assert_allclose(lp, expect["object_logprob"], atol=1e-5, rtol=0)
         assert (n == expect["object_tokens"]).all()
+
+
+def test_fuar_is_empty_when_nothing_was_gained():
+    """FUAR = forgotten / gained on net counts; float noise in the counts (hits@1 x n) is
+    never a gain (it once gave FUARs of 1e17)."""
+    from gradloc.report import facts
+
+    def row(method, new, upd, unch):
+        r = {"method": method, "seed": -1 if method == "base" else 0, "period": 1}
+        for s in facts.SETS:
+            r.update({f"{s}_{m}": math.nan for m in facts.METRICS})
+        for s, (h, n) in {"new": new, "updated": upd, "unchanged": unch}.items():
+            r[f"{s}_hits1"], r[f"{s}_n"] = h, n
+        return r | {f"efficacy_{k}": math.nan for k in facts.EFFICACY}
+
+    df = pd.DataFrame([row("base", (0.1, 10), (0.3, 10), (0.8, 10)),
+                       row("noise", (0.1 + 1e-17, 10), (0.3, 10), (0.7, 10)),
+                       row("learns", (0.3, 10), (0.3, 10), (0.7, 10))])
+    out = facts.add_derived(df).set_index("method")
+    assert math.isnan(out.loc["noise", "fuar"]) and out.loc["noise", "facts_forgotten"] == 1
+    assert out.loc["learns", "facts_gained"] == 2 and out.loc["learns", "fuar"] == 0.5

@@ -72,8 +72,9 @@ def add_derived(df: pd.DataFrame) -> pd.DataFrame:
     out["fact_uptake"] = out[present].mean(axis=1, skipna=False)
     out["fact_forgetting"] = ref("unchanged_hits1") - out["unchanged_hits1"]
     out["efficacy_gain"] = out["efficacy_share"] - ref("efficacy_share")
-    forgot = out["fact_forgetting"] * out["unchanged_n"]
-    gain = pd.concat(gained, axis=1).sum(axis=1, min_count=1)
+    # counts of facts (hits@1 x probes): rounded, so float noise is never "a fact gained"
+    forgot = (out["fact_forgetting"] * out["unchanged_n"]).round(6)
+    gain = pd.concat(gained, axis=1).sum(axis=1, min_count=1).round(6)
     out["facts_forgotten"], out["facts_gained"] = forgot, gain
     out["fuar"] = np.where(gain > 0, forgot / gain.where(gain > 0), np.nan)
     return out
