@@ -90,7 +90,9 @@ def fact_level(model, tokenizer, probes: pd.DataFrame, pool: pd.DataFrame, perio
     cands = cands[cands["probe_id"].isin(set(probes["probe_id"]))].reset_index(drop=True)
     prefix = dict(zip(probes["probe_id"], probes["prefix"]))
     obj = dict(zip(probes["probe_id"], probes["object"]))
-    spec = factlevel.other_prefixes(probes, k, seed)
+    # specificity asks whether what the update taught is bound to its subject: the sets the
+    # update is about (unchanged facts would triple its cost for little)
+    spec = factlevel.other_prefixes(probes[probes["set"].isin(factlevel.SPECIFICITY_SETS)], k, seed)
     para = probes[(probes["set"] == "updated") & (probes["paraphrase"] != "")]
     para_c = cands[cands["probe_id"].isin(set(para["probe_id"])) & cands["kind"].isin(["gold", "pair"])]
     para_prefix = dict(zip(para["probe_id"], para["paraphrase"]))

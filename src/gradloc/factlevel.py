@@ -15,9 +15,10 @@ they belong to; these metrics ask about the fact (subject, relation, object) ins
 - *Efficacy*: the share of `updated` probes whose new object beats the replaced one under
   the same prefix (mean log-prob per token), the mean margin in nats per token; the same
   under the second probe wording (`paraphrase`) where the world has one.
-- *Subject specificity*: the gold object's mean log-prob per token under its own prefix
-  minus its mean under up to `K - 1` other subjects' prefixes of the same relation and
-  period (0: the object is likely whatever the subject).
+- *Subject specificity* (sets `new`, `updated`, `changed`, `outdated`): the gold object's
+  mean log-prob per token under its own prefix minus its mean under up to `K - 1` other
+  subjects' prefixes of the same relation, set and period (0: the object is likely
+  whatever the subject).
 - *Shortcuts*: probes whose object is the same for every subject of their period, set and
   relation (`constant_objects`) are left out of the fact-level numbers and counted.
 - The majority-object baseline: per relation, a constant guess of the most common gold
@@ -33,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 CURRENT_SETS = ("unchanged", "updated", "new", "changed")  # sets that hold in the period
+SPECIFICITY_SETS = ("new", "updated", "changed", "outdated")  # the sets the update is about
 
 
 def constant_objects(probes: pd.DataFrame) -> pd.Series:
