@@ -90,5 +90,5 @@ def test_the_test_configs_runs_hold_log_csv_curves(test_run):
     with open(test_run / "base_model" / "train_log.csv") as f:
         assert [v for _, v in base] == pytest.approx([float(r["loss"]) for r in csv.DictReader(f)], rel=1e-6)
     for name in ("train", "pretrain", "subnet", "camels"):
-        assert (test_run / "report" / f"tracked_{name}.png").stat().st_size > 1000
+        assert (test_run / "extras" / f"tracked_{name}.png").stat().st_size > 1000
     assert (test_run / "model_cards" / "full" / "seed0" / "P1" / "README.md").exists()
