@@ -145,7 +145,7 @@ def test_layer_selection_reruns_selection_and_the_methods_that_use_it(completed)
     assert jobs == {("select", "select/selection.json")} | train_and_eval(cfg, selective) | REPORT
     # Spelled out: no data, base model, profile, base evaluation, full or lora training.
     rules = {rule for rule, _ in jobs}
-    assert rules == {"select", "train", "evaluate", "report"}
+    assert rules == {"select", "train", "evaluate", "report", "model_cards", "tracked_curves"}
     assert not any(m in out.split("/") for _, out in jobs for m in ("full", "lora"))
 
 
