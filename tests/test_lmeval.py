@@ -60,8 +60,9 @@ def test_rules_on_the_test_config_offline(test_run, tmp_path):
     cfg["lm_eval"] = {"tasks": ["gradloc_cloze"], "limit": 8}
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    r = snakemake("--cores", "2", "--configfile", str(path), "--config", f"results={results}",
-                  f"{results}/extras/general_ability.md", env=OFFLINE, timeout=1200)
+    # the target before --config, which would take it for one more key=value pair
+    r = snakemake(f"{results}/extras/general_ability.md", "--cores", "2", "--configfile", str(path),
+                  "--config", f"results={results}", env=OFFLINE, timeout=1200)
     assert r.returncode == 0, r.stderr[-5000:]
     table = (results / "extras" / "general_ability.md").read_text()
     for m in cfg["train"]["methods"]:
