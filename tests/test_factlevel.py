@@ -191,3 +191,34 @@ def test_fuar_is_empty_when_nothing_was_gained():
     out = facts.add_derived(df).set_index("method")
     assert math.isnan(out.loc["noise", "fuar"]) and out.loc["noise", "facts_forgotten"] == 1
     assert out.loc["learns", "facts_gained"] == 2 and out.loc["learns", "fuar"] == 0.5
+
+
+def test_cached_candidates_equal_full_sequences():
+    """Scoring candidates from their prefix's key/value cache gives the log-probs of the
+    full prefix + object sequences: prefixes of several lengths, objects of one to four
+    tokens, any batch, for GPT-2 (learned positions) and Llama (rotary)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gradloc.scoring import cached_object_logprobs, token_logprobs
+    from helpers import char_tokenizer
+
+    tok = char_tokenizer()
+    torch.manual_seed(1)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=64, bos_token_id=0, eos_token_id=0))
+    prefixes = ["Ada works at", "Bo lives in", "Cy", "Dee was born in the city of"]
+    objects = [" X", " Yz", " Quux", " Ab", " Abc"]
+    groups = [(tok(p)["input_ids"], [tok(o)["input_ids"] for o in objects[: 2 + i]]) for i, p in enumerate(prefixes)]
+    for model in (tiny_gpt2(len(tok), n_positions=64).eval(), llama.eval()):
+        full, _ = token_logprobs(model, tok, [p + o for p, objs in groups for o in objs], batch_size=64)
+        i, expect = 0, []
+        for p, objs in groups:
+            for o in objs:
+                expect.append(full[i][len(p) - 1:])
+                i += 1
+        for batch in (1, 3, 64):
+            got = [lp for g in cached_object_logprobs(model, groups, batch) for lp in g]
+            assert [len(g) for g in got] == [len(e) for e in expect]
+            for g, e in zip(got, expect):
+                np.testing.assert_allclose(g, e, atol=1e-5, rtol=0)

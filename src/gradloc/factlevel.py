@@ -145,16 +145,13 @@ def per_probe(probes: pd.DataFrame, cands: pd.DataFrame, cand_lp: np.ndarray, ca
     return pd.DataFrame(out)
 
 
-def loo_guess(counts: pd.Series, obj: str) -> str | None:
-    """The most common object of a relation's probes other than this one (ties: the first
-    in sorted order), or None when the probe is the relation's only one."""
-    c = counts.copy()
-    c[obj] -= 1
-    c = c[c > 0]
-    if c.empty:
-        return None
-    top = c.max()
-    return sorted(str(o) for o in c.index[c == top])[0]
+def loo_guess(counts: dict, obj: str) -> str | None:
+    """The most common object of a relation's probes (`counts`: object -> number of
+    probes) other than this one (ties: the first in sorted order), or None when the probe
+    is the relation's only one."""
+    left = {**counts, obj: counts[obj] - 1}
+    top = max(left.values())
+    return min(str(o) for o, n in left.items() if n == top) if top > 0 else None
 
 
 def _mean(x) -> float | None:
@@ -186,7 +183,8 @@ def summarize(probes: pd.DataFrame, rows: pd.DataFrame) -> dict:
             counts = r["object"].value_counts()
             majority[str(rel)] = {"n": int(len(r)), "object": str(counts.index[0]),
                                   "share": float(counts.iat[0] / len(r))}
-            loo_hits += sum(loo_guess(counts, o) == o for o in r["object"])
+            by_object = counts.to_dict()
+            loo_hits += sum(loo_guess(by_object, o) == o for o in r["object"])
         # a constant guess per relation that never sees the probe it answers (leave-one-out)
         entry["majority_hits1"] = float(loo_hits / len(kept)) if len(kept) else None
         sets[name] = {**entry, "n": int(len(kept)), "n_constant": int(g["constant_object"].sum()),

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from .io import NonFiniteError, require_columns
 from .models import max_positions
@@ -183,22 +184,85 @@ def score_pairs(model, tokenizer, prefixes, objects, batch_size: int = 32,
 
     pre = encode_all([p for p, _ in unique])
     obj = encode_all([" " + o for _, o in unique])
-    encoded = []
+    encoded = []  # (prefix ids, object ids) of each distinct pair
     for p, o in unique:
         prefix_ids, obj_ids = (lead + pre[p]) or start, obj[" " + o]
         if max_len is not None and len(prefix_ids) + len(obj_ids) > max_len:  # as encode_probe
             obj_ids = obj_ids[:max_len - 1]
             prefix_ids = prefix_ids[-(max_len - len(obj_ids)):]
-        encoded.append((prefix_ids + obj_ids, len(obj_ids)))
-    lps, _ = token_logprobs(model, tokenizer, [e[0] for e in encoded], batch_size, desc)
+        encoded.append((prefix_ids, obj_ids))
+    if isinstance(model, PreTrainedModel) and all(o for _, o in encoded):  # each distinct prefix read once, its candidates from its cache
+        groups: dict[tuple, list[int]] = {}
+        for i, (prefix_ids, _) in enumerate(encoded):
+            groups.setdefault(tuple(prefix_ids), []).append(i)
+        scored = cached_object_logprobs(model, [(list(g), [encoded[i][1] for i in rows]) for g, rows in groups.items()],
+                                        batch_size, desc)
+        by_pair = {i: lp for rows, lps in zip(groups.values(), scored) for i, lp in zip(rows, lps)}
+        lps = [by_pair[i] for i in range(len(encoded))]
+    else:
+        lps, _ = token_logprobs(model, tokenizer, [p + o for p, o in encoded], batch_size, desc)
     score = {}
-    for pair, (_, k), lp in zip(unique, encoded, lps):
+    for pair, (_, obj_ids), lp in zip(unique, encoded, lps):
+        k = len(obj_ids)
         total = float(lp[-k:].sum()) if k else 0.0
         if not math.isfinite(total):
             raise NonFiniteError(f"non-finite log-probability {total} of object {pair[1]!r} after {pair[0]!r}")
         score[pair] = (total, k)
     out = np.array([score[p] for p in pairs], dtype=np.float64).reshape(-1, 2)
     return out[:, 0], out[:, 1].astype(np.int64)
+
+
+@torch.no_grad()
+def cached_object_logprobs(model, groups: list[tuple[list[int], list[list[int]]]], batch_size: int,
+                           desc: str | None = None) -> list[list[np.ndarray]]:
+    """log p of each object token (float64 arrays) for groups (prefix ids, [object ids, ...]):
+    every prefix is run once and its objects continue from its key/value cache, so a
+    prefix shared by K candidates costs one pass, not K. Prefixes of one length are
+    batched (no padding, so positions are those of the full sequence); objects are
+    right-padded after them. The numbers equal `token_logprobs` on prefix + object up to
+    float rounding. Needs a Hugging Face causal LM (its `cache` argument)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list = [[None] * len(objs) for _, objs in groups]
+    by_len: dict[int, list[int]] = {}
+    for g, (pre, _) in enumerate(groups):
+        by_len.setdefault(len(pre), []).append(g)
+    batches = []  # (group indices): one prefix length, at most batch_size objects (one group at least)
+    for n in sorted(by_len):
+        cur, rows = [], 0
+        for g in by_len[n]:
+            if cur and rows + len(groups[g][1]) > batch_size:
+                batches.append(cur)
+                cur, rows = [], 0
+            cur.append(g)
+            rows += len(groups[g][1])
+        batches.append(cur)
+    for gs in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+        pre = torch.tensor([groups[g][0] for g in gs], dtype=torch.long, device=device)
+        res = model(input_ids=pre, use_cache=True, logits_to_keep=1)
+        first = F.log_softmax(res.logits[:, -1].float(), dim=-1)  # the first object token's distribution
+        owner = [(b, g, j) for b, g in enumerate(gs) for j in range(len(groups[g][1]))]
+        objs = [groups[g][1][j] for _, g, j in owner]
+        rows = torch.tensor([b for b, _, _ in owner], device=device)
+        lp0 = first[rows].gather(-1, torch.tensor([o[0] for o in objs], device=device).unsqueeze(-1))
+        lp0 = lp0.squeeze(-1).double().cpu().numpy()
+        width = max(len(o) for o in objs) - 1  # an object's last token is never an input
+        rest = None
+        if width > 0:
+            cache = res.cache
+            cache.batch_select_indices(rows)
+            ids, mask = pad_batch([o[:-1] or o[:1] for o in objs], 0, device)
+            ids, mask = ids[:, :width], mask[:, :width]
+            mask = torch.cat([torch.ones(len(objs), pre.shape[1], dtype=mask.dtype, device=device), mask], 1)
+            logits = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).logits.float()
+            target = pad_batch([o[1:] or [0] for o in objs], 0, device)[0][:, :width]
+            rest = F.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1).double().cpu().numpy()
+        for r, (_, g, j) in enumerate(owner):
+            k = len(objs[r])
+            out[g][j] = np.concatenate([lp0[r:r + 1], rest[r, :k - 1] if k > 1 else []])
+    model.train(was_training)
+    return out
 
 
 def perplexity(logprob_sum: float, n_tokens: int) -> float | None:
