@@ -59,6 +59,7 @@ def settings_of(setting: dict, base: dict) -> tuple[dict, dict]:
 
 def run(setting: dict) -> dict:
     import torch
+
     from gradloc import basemodel, probes, scoring, split
     from gradloc.data import synthetic
 

@@ -55,5 +55,4 @@ def run(sizes, batches, seq_len: int, reps: int) -> list[dict]:
             rows.append(row(1, f"ours / naive loop, {s}", paired_ratio(t, "ours", "naive"), op="<=", target=1.0))
             rows.append(row(1, f"plain fwd+bwd time, {s}", median(t["plain"]), "s"))
             rows.append(row(1, f"ours vs naive max relative difference, {s}", err, "rel", op="<", target=1e-3))
-        del model
     return rows

@@ -19,10 +19,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the benchmarks package from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 from benchmarks import pipeline, profiling, scaling, targeted, throughput  # noqa: E402
 from benchmarks.common import ROOT, format_table, machine, write_csv  # noqa: E402
-
-import torch  # noqa: E402
 
 # Sizes of each preset: (n_layer, n_embd) pairs, batch sizes, repetitions.
 PRESETS = {

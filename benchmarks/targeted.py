@@ -6,8 +6,6 @@ the body of `gradloc.engine.fit`'s loop (loss, backward, clip, optimizer, schedu
 
 from __future__ import annotations
 
-import torch
-
 from .common import VOCAB, gpt2, interleaved, median, paired_ratio, random_batch, row, warm
 
 WITHIN = 0.10  # the issue's target: within 10% of the FLOP limit

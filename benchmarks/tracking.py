@@ -20,7 +20,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from gradloc import engine, tracking
 
-
 SPENT = [0.0]
 
 

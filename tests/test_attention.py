@@ -11,12 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import char_tokenizer, make_tokens, tiny_gpt2, word_tokenizer
-
 from gradloc import attention, train
 from gradloc.io import InputError
 from gradloc.methods import augment, resolve_method
 from gradloc.models import save_model
+from helpers import char_tokenizer, make_tokens, tiny_gpt2, word_tokenizer
 
 torch.set_num_threads(1)
 

@@ -1,10 +1,10 @@
 """The conda environments pin exactly what pyproject.toml pins."""
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,18 +6,15 @@ import math
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-import pytest
 
 from gradloc import cli, evaluate
-from helpers import make_tokens, tiny_gpt2, word_tokenizer
 from gradloc.io import InputError
 from gradloc.models import save_model
 from gradloc.scoring import encode_probe, score_probes, summarize
+from helpers import make_tokens, tiny_gpt2, word_tokenizer
 
 torch.set_num_threads(1)
 WORDS = ["<eos>", "<unk>"] + [f"w{i}" for i in range(40)]

@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pandas as pd
 import torch
+from test_evaluate import WORDS, direct_logprobs, ids
 
 from gradloc import factlevel
 from gradloc.evaluate import evaluate_model
 from gradloc.methods import permute
 from helpers import tiny_gpt2, word_tokenizer
-from test_evaluate import WORDS, direct_logprobs, ids
 
 torch.set_num_threads(1)
 
@@ -159,8 +159,9 @@ def test_lm_eval_harness_ranks_the_candidates_the_same():
 def test_score_pairs_equals_probe_scoring():
     """The candidates' scorer encodes and scores a (prefix, object) pair exactly as probe
     scoring does, an empty prefix (BOS/EOS start) included, whatever the batch."""
-    from gradloc.scoring import score_pairs, score_probes
     from test_evaluate import make_probes, tiny
+
+    from gradloc.scoring import score_pairs, score_probes
 
     model, tokenizer = tiny()
     probes = make_probes(model)

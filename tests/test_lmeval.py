@@ -8,11 +8,10 @@ import shutil
 
 import pytest
 import yaml
-
-from helpers import ROOT, snakemake
-from test_train import run as train, world  # noqa: F401  (the tiny world fixture)
+from test_train import run as train  # noqa: F401  (the tiny world fixture)
 
 from gradloc import cli, lmeval
+from helpers import ROOT, snakemake
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 

@@ -9,13 +9,20 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from helpers import char_tokenizer, make_subnet
-
 from gradloc import methods
 from gradloc.io import InputError
-from gradloc.methods import (KAdapterModel, anneal_lambda, lm_loss, lora_targets, make_optimizer, prepare,
-                             resolve_method, unit_multipliers)
+from gradloc.methods import (
+    KAdapterModel,
+    anneal_lambda,
+    lm_loss,
+    lora_targets,
+    make_optimizer,
+    prepare,
+    resolve_method,
+    unit_multipliers,
+)
 from gradloc.models import layer_units, load_model
+from helpers import char_tokenizer, make_subnet
 
 torch.set_num_threads(1)
 

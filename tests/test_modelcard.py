@@ -5,7 +5,6 @@ results as model-index entries."""
 import json
 
 from huggingface_hub import ModelCard
-
 from test_train import run, world  # noqa: F401  (the tiny world fixture)
 
 from gradloc import modelcard

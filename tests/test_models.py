@@ -2,11 +2,15 @@
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    OPTConfig,
+)
 
-from gradloc.models import (block_unit, classify_child, find_blocks, layer_units, load_model, save_model,
-                            unit_layer)
+from gradloc.models import block_unit, classify_child, find_blocks, layer_units, load_model, save_model, unit_layer
 
 torch.set_num_threads(1)
 

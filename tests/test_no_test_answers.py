@@ -23,9 +23,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import ROOT, snakemake
-
 from gradloc import schema
+from helpers import ROOT, snakemake
 
 # rule -> why it may read the probes although training depends on it
 ALLOWED = {

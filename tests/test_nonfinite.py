@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from gradloc import cli, evaluate, profile
+from gradloc import cli
 from gradloc.io import InputError, NonFiniteError, read_json, write_json
 from gradloc.models import save_model
 from helpers import make_tokens, tiny_gpt2, word_tokenizer

@@ -5,9 +5,9 @@ at config time, before any job, naming the setting."""
 
 import json
 
+import twiki_layout as tw
 import yaml
 
-import twiki_layout as tw
 from helpers import ROOT, job_counts, snakemake
 
 PAPER = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
@@ -62,9 +62,8 @@ def test_engine_steps_consume_batch_size_x_grad_accum_blocks(tmp_path):
     gradient accumulation), so steps = ceil(blocks / 8) for 2 x 4."""
     import math
 
-    from helpers import tiny_train_world
-
     from gradloc import train
+    from helpers import tiny_train_world
 
     world = tiny_train_world(tmp_path / "world")
     common = {"lr": 1e-3, "batch_size": 2, "grad_accum": 4, "seq_len": 16, "precision": "no", "epochs": 2}

@@ -5,8 +5,8 @@ import math
 
 import pandas as pd
 import yaml
-
 from conftest import run_snakemake
+
 from helpers import ROOT
 
 CONFIG = yaml.safe_load((ROOT / "config/test.yaml").read_text())

@@ -18,9 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers import tiny_gpt2, word_tokenizer
-
 from gradloc import profile, select
+from helpers import tiny_gpt2, word_tokenizer
 
 torch.set_num_threads(1)
 N_LAYER, PLANTED, D = 4, 2, 32

@@ -19,9 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import char_tokenizer, tiny_gpt2, tiny_train_world
-
 from gradloc import basemodel, engine, schema, train
+from helpers import char_tokenizer, tiny_gpt2, tiny_train_world
 
 torch.set_num_threads(1)
 

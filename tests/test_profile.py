@@ -7,10 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
 
-from helpers import make_tokens, word_tokenizer
-
 from gradloc import profile
 from gradloc.models import layer_units, save_model
+from helpers import make_tokens, word_tokenizer
 
 torch.set_num_threads(1)
 V = 50

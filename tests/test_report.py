@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from gradloc import cli, report
-from gradloc.report import figures
 from gradloc.io import InputError
+from gradloc.report import figures
 
 SETS = ("unchanged", "updated", "new", "outdated")
 

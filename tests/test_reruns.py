@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+from pathlib import Path
 
 import pytest
 import yaml

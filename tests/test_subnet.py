@@ -7,10 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import tiny_gpt2, word_tokenizer
-
 from gradloc import schema, subnet
 from gradloc.io import InputError
+from helpers import tiny_gpt2, word_tokenizer
 
 torch.set_num_threads(1)
 

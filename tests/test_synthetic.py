@@ -153,7 +153,7 @@ def test_mentions_are_exactly_what_a_dictionary_finds(world):
 
 
 def test_new_entities_turn_up_in_articles_of_known_entities(world):
-    docs, triples, mentions = world["documents"], world["triples"], world["mentions"]
+    triples, mentions = world["triples"], world["mentions"]
     before, now = facts_by_subject(triples, 0), facts_by_subject(triples, 1)
     new = set(now) - set(before)
     m = mentions[mentions["snapshot"] == 1]

@@ -8,14 +8,13 @@ import json
 
 import pandas as pd
 import pytest
+import twiki_layout as tw
 
 from gradloc import probes as probes_stage
 from gradloc import split as split_stage
 from gradloc import tagging as tagging_stage
 from gradloc.data import download, temporalwiki
 from gradloc.io import InputError
-
-import twiki_layout as tw
 
 
 def run(tmp_path, name="corpus", **params):

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from test_train import run, world  # noqa: F401  (the tiny world fixture)
 
 from gradloc import tracking
@@ -84,8 +83,8 @@ def test_the_test_configs_runs_hold_log_csv_curves(test_run):
         rows = read_log(folder)
         assert [(step, pytest.approx(v, rel=1e-6)) for step, v in s["train/loss"]] == [
             (int(r["step"]), float(r["loss"])) for r in rows], folder
-    for run in ("base_model/seed0", "small_model/seed0", "camels/seed0", "subnet/outdated/seed0/P1"):
-        assert scalars(runs / run), run
+    for name in ("base_model/seed0", "small_model/seed0", "camels/seed0", "subnet/outdated/seed0/P1"):
+        assert scalars(runs / name), name
     base = scalars(runs / "base_model" / "seed0")["train/loss"]
     with open(test_run / "base_model" / "train_log.csv") as f:
         assert [v for _, v in base] == pytest.approx([float(r["loss"]) for r in csv.DictReader(f)], rel=1e-6)

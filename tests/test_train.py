@@ -18,12 +18,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from helpers import char_tokenizer, make_subnet, make_tokens
-
 from gradloc import cli, engine, tokens, train
-from gradloc.methods import masking
 from gradloc.io import InputError
+from gradloc.methods import masking
 from gradloc.models import layer_units, save_model
+from helpers import char_tokenizer, make_subnet, make_tokens
 
 torch.set_num_threads(1)
 
@@ -300,8 +299,8 @@ def test_schedule_warmup_then_linear_or_cosine_decay():
 
 def test_gpu_request_is_checked(monkeypatch):
     """A job that asked for GPUs fails clearly when CUDA sees fewer; CPU-only torch only warns."""
-    from gradloc.io import InputError
     from gradloc.engine import check_gpus
+    from gradloc.io import InputError
 
     check_gpus(0, 1)
     monkeypatch.setattr(torch.version, "cuda", "12.8")

@@ -12,12 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import char_tokenizer, make_tokens, tiny_gpt2, word_tokenizer
-
 from gradloc import metatrain, train
 from gradloc.io import InputError
 from gradloc.methods import weighting
 from gradloc.models import save_model
+from helpers import char_tokenizer, make_tokens, tiny_gpt2, word_tokenizer
 
 torch.set_num_threads(1)
 

@@ -38,7 +38,8 @@ import torch
 
 from . import schema
 from .io import InputError, atomic_output, read_json, read_table, write_json
-from .tokens import load as load_tokens, tokenizer_fingerprint
+from .tokens import load as load_tokens
+from .tokens import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 

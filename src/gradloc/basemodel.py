@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from . import modelcard, schema, tracking
 from .io import InputError, atomic_output, read_table, write_json

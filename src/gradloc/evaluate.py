@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from . import factlevel, schema
 from .io import InputError, NonFiniteError, as_list, atomic_output, read_json, read_table, write_json, write_parquet

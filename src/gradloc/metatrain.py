@@ -42,8 +42,9 @@ from . import schema, tracking
 from .engine import lm_loss
 from .io import InputError, atomic_output, read_table, write_json
 from .methods import load_checkpoint
+from .methods.weighting import WeightingModel, check_same_tokenizer
+from .methods.weighting import summary as weight_summary
 from .models import device
-from .methods.weighting import WeightingModel, check_same_tokenizer, summary as weight_summary
 from .tokens import load as load_tokens
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from . import schema
 from .io import InputError, NonFiniteError, atomic_output, read_json, read_table, write_parquet
-from .pergrad import aggregate_units, per_example_grad_norms, per_example_param_sq_norms  # noqa: F401
 from .models import checkpoint_dir, device, layer_units, load_model, n_blocks, unit_layer
+from .pergrad import aggregate_units, per_example_grad_norms, per_example_param_sq_norms  # noqa: F401
 from .scoring import pad_batch
 from .tokens import load as load_tokens
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from .io import InputError, atomic_output, read_json, read_table, require_columns, write_json, write_parquet
 from . import schema
+from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 

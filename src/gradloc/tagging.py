@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet
 from . import schema
 from .facts import alias_list, subject_articles
+from .io import atomic_output, read_json, read_table, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 

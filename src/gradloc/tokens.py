@@ -42,8 +42,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def run(params: dict, model, tagged, out) -> None:
-    from transformers import AutoTokenizer
     from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
 
     from .models import checkpoint_dir
     from .scoring import leading_special_ids

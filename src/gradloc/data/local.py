@@ -20,8 +20,7 @@ import pandas as pd
 from ..io import InputError, read_table
 from ..schema import fill
 from . import DOC_COLUMNS, ENTITY_COLUMNS, TRIPLE_COLUMNS
-from .sources import (Corpus, empty, entities_from_triples, entity_like, existing, frame, is_missing,
-                      parse_aliases)
+from .sources import Corpus, empty, entities_from_triples, entity_like, existing, frame, is_missing, parse_aliases
 
 
 def with_defaults(params: dict | None) -> dict:
