@@ -1,11 +1,6 @@
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
-
-from helpers import snakemake  # noqa: E402
+from helpers import snakemake  # tests/ is on the path: pyproject.toml, [tool.pytest.ini_options]
 
 
 def run_snakemake(*args, results, check=True, timeout=1200):

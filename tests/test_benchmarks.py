@@ -13,10 +13,8 @@ import torch
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, pipeline, run, scaling, targeted  # noqa: E402
+from benchmarks import common, pipeline, run, scaling, targeted  # noqa: E402  (the checkout is on the path: pyproject.toml)
 
 
 @pytest.fixture(scope="module")
