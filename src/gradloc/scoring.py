@@ -245,8 +245,7 @@ def cached_object_logprobs(model, groups: list[tuple[list[int], list[list[int]]]
         owner = [(b, g, j) for b, g in enumerate(gs) for j in range(len(groups[g][1]))]
         objs = [groups[g][1][j] for _, g, j in owner]
         rows = torch.tensor([b for b, _, _ in owner], device=device)
-        lp0 = first[rows].gather(-1, torch.tensor([o[0] for o in objs], device=device).unsqueeze(-1))
-        lp0 = lp0.squeeze(-1).double().cpu().numpy()
+        lp0 = first[rows, torch.tensor([o[0] for o in objs], device=device)].double().cpu().numpy()
         width = max(len(o) for o in objs) - 1  # an object's last token is never an input
         rest = None
         if width > 0:
