@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 import yaml
-from test_train import run as train  # noqa: F401  (the tiny world fixture)
+from test_train import run as train
+from test_train import world  # noqa: F401  (the tiny world fixture)
 
 from gradloc import cli, lmeval
 from helpers import ROOT, snakemake
