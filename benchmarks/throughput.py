@@ -70,14 +70,14 @@ def ours_throughput(init: Path, tokens: Path, out: Path, batch: int, seq_len: in
 
 def trainer_blocks(init: Path, tokens: Path, seq_len: int):
     """(model, blocks as Trainer examples, scored tokens): the blocks `gradloc train` cuts."""
-    from gradloc import train
+    from gradloc import engine, train
     from gradloc.models import load_model
     from gradloc.tokens import load
 
     model, tokenizer = load_model(init / "model", dtype=torch.float32)
     toks = load(tokens, tokenizer)
     diff, _ = train.period_docs(toks, 1)
-    blocks = train.cut_blocks(train.with_eos(diff, toks.meta["eos_id"]), seq_len, toks.meta["pad_id"] or 0)
+    blocks = engine.cut_blocks(engine.with_eos(diff, toks.meta["eos_id"]), seq_len, toks.meta["pad_id"] or 0)
     data = [{"input_ids": x, "labels": y, "attention_mask": (y != -100).long()}
             for x, y in zip(blocks["input_ids"], blocks["labels"])]
     return model, data, int((blocks["labels"][:, 1:] != -100).sum())

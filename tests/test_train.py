@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from gradloc import cli, engine, tokens, train
 from gradloc.io import InputError
-from gradloc.methods import masking
+from gradloc.methods import masking, replay
 from gradloc.models import layer_units, save_model
 from helpers import char_tokenizer, make_subnet, make_tokens
 
@@ -186,8 +186,10 @@ def test_replay_mixes_fresh_base_blocks_each_epoch(world):
     cfg = train.settings({"common": {"seq_len": 16}, "method": {"replay": {"ratio": 1.5}}})
     toks = tokens.load(world / "tokens", tok)
     diff_docs, base_docs = train.period_docs(toks, 1)
-    diff = train.cut_blocks(train.with_eos(diff_docs, 0), 16, 0)
-    epochs = train.Epochs(diff, train.with_eos(base_docs, 0), cfg, seed=0, pad_id=0)
+    diff = engine.cut_blocks(engine.with_eos(diff_docs, 0), 16, 0)
+    job = train.Job(cfg=cfg, tokenizer=tok, toks=toks, rows=None, period=1, seed=0, inputs={}, docs=diff_docs,
+                    types=[], base_docs=base_docs, eos=0, pad_id=0, n_diff=len(diff["input_ids"]))
+    epochs = train.Epochs(diff, [replay.PART.mix(cfg["method"]["replay"], job)], seed=0)
     e0, e1 = epochs.build(0), epochs.build(1)
     n = len(diff["input_ids"])
     assert int(e0["source"].sum()) == round(1.5 * n) and len(e0["source"]) == n + round(1.5 * n)
@@ -204,7 +206,7 @@ def test_replay_mixes_fresh_base_blocks_each_epoch(world):
 
 
 def test_blocks_keep_every_token_and_mask_the_padding():
-    blocks = train.cut_blocks([np.arange(1, 4), np.arange(4, 11)], 4, pad_id=0)
+    blocks = engine.cut_blocks([np.arange(1, 4), np.arange(4, 11)], 4, pad_id=0)
     assert blocks["input_ids"].tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 0, 0]]
     assert blocks["labels"][2].tolist() == [9, 10, -100, -100]
 

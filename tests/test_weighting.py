@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gradloc import metatrain, train
+from gradloc import engine, metatrain, train
 from gradloc.io import InputError
 from gradloc.methods import weighting
 from gradloc.models import save_model
@@ -188,7 +188,7 @@ def test_baseline_weights():
     sal = weighting.doc_weights({"kind": "salient_spans", "other": 0.1}, docs,
                                 [np.array([0, 1, 1, 0]), np.zeros(4)])
     assert list(sal[0]) == pytest.approx([0.1, 1, 1, 0.1])
-    blocks = train.cut_blocks(docs, 3, 0, sal)
+    blocks = engine.cut_blocks(docs, 3, 0, sal)
     assert blocks["weights"].shape == (3, 3) and blocks["weights"][2, 2] == 0  # padding weighs 0
 
 

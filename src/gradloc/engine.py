@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -214,6 +216,32 @@ class StopRequest:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
+
+
+# --- blocks ------------------------------------------------------------------------------
+
+def cut_blocks(docs: list[np.ndarray], seq_len: int, pad_id: int,
+               weights: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+    """The documents concatenated and cut into [n, seq_len] blocks (nanoGPT style); the
+    tail block is padded, its padding labelled -100 so no token is lost. With per-token
+    `weights` (one array per document), a `weights` block cut the same way (padding 0)."""
+    ids = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)
+    n = max(1, math.ceil(len(ids) / seq_len))
+    input_ids = np.full(n * seq_len, pad_id, dtype=np.int64)
+    labels = np.full(n * seq_len, -100, dtype=np.int64)
+    input_ids[:len(ids)] = ids
+    labels[:len(ids)] = ids
+    out = {"input_ids": torch.from_numpy(input_ids.reshape(n, seq_len)),
+           "labels": torch.from_numpy(labels.reshape(n, seq_len))}
+    if weights is not None:
+        w = np.zeros(n * seq_len, dtype=np.float32)
+        w[:len(ids)] = np.concatenate(weights) if weights else np.zeros(0, dtype=np.float32)
+        out["weights"] = torch.from_numpy(w.reshape(n, seq_len))
+    return out
+
+
+def with_eos(docs: list[np.ndarray], eos: int) -> list[np.ndarray]:
+    return [np.append(d, eos) for d in docs]
 
 
 # --- the loop ----------------------------------------------------------------------------

@@ -11,19 +11,17 @@ groups, LoRA, K-Adapter, RecAdam) comes from `gradloc.methods`.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import shutil
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 
-from . import engine, methods, modelcard, schema, tracking
+from . import engine, methods, modelcard, parts, schema, tracking
 from .io import InputError, as_list, atomic_output, write_json
-from .methods import augment, replay
 from .models import max_positions
 from .tokens import load as load_tokens
 
@@ -34,10 +32,12 @@ LOG_COLUMNS = ["step", "epoch", "loss", "lr", "tokens_per_s"]
 
 def settings(params: dict) -> dict:
     """Train-wide settings (schema defaults filled in) with the method's own `lr` /
-    `epochs` on top."""
-    unknown = set(params) - {"name", "common", "method"}
+    `epochs` on top. `parts`: files of method parts to register first."""
+    unknown = set(params) - {"name", "common", "method", "parts"}
     if unknown:
-        raise InputError(f"train params: unknown top-level key(s) {sorted(unknown)}; expected name, common, method")
+        raise InputError(f"train params: unknown top-level key(s) {sorted(unknown)}; expected name, common, method, "
+                         "parts")
+    parts.load(params.get("parts"))  # files of parts beyond the built-in ones (config `parts:`)
     common = {k: v for k, v in (params.get("common") or {}).items() if k not in ("methods", "seeds", "group_seeds")}
     cfg = schema.fill("train", common, where="train", ignore_required=True)
     cfg.pop("seeds", None)
@@ -49,51 +49,26 @@ def settings(params: dict) -> dict:
 
 # --- data -------------------------------------------------------------------------------
 
-def cut_blocks(docs: list[np.ndarray], seq_len: int, pad_id: int,
-               weights: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
-    """The documents concatenated and cut into [n, seq_len] blocks (nanoGPT style); the
-    tail block is padded, its padding labelled -100 so no token is lost. With per-token
-    `weights` (one array per document), a `weights` block cut the same way (padding 0)."""
-    ids = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)
-    n = max(1, math.ceil(len(ids) / seq_len))
-    input_ids = np.full(n * seq_len, pad_id, dtype=np.int64)
-    labels = np.full(n * seq_len, -100, dtype=np.int64)
-    input_ids[:len(ids)] = ids
-    labels[:len(ids)] = ids
-    out = {"input_ids": torch.from_numpy(input_ids.reshape(n, seq_len)),
-           "labels": torch.from_numpy(labels.reshape(n, seq_len))}
-    if weights is not None:
-        w = np.zeros(n * seq_len, dtype=np.float32)
-        w[:len(ids)] = np.concatenate(weights) if weights else np.zeros(0, dtype=np.float32)
-        out["weights"] = torch.from_numpy(w.reshape(n, seq_len))
-    return out
-
-
-def with_eos(docs: list[np.ndarray], eos: int) -> list[np.ndarray]:
-    return [np.append(d, eos) for d in docs]
-
-
 class Epochs:
     """The blocks of each epoch in training order, built on demand (one epoch cached):
-    diff blocks plus, for replay, `ratio` x as many fresh base blocks (`source` 0 = diff,
-    1 = replay), shuffled by (seed, epoch). Indexed by a global row epoch * size + i."""
+    the diff blocks plus, for each mixer (a part's `mix` hook, e.g. replay), its `n`
+    blocks drawn afresh (`source` 0 = diff, i = the i-th mixer), shuffled by (seed,
+    epoch). Indexed by a global row epoch * size + i."""
 
-    def __init__(self, diff: dict, base_docs: list[np.ndarray], cfg: dict, seed: int, pad_id: int):
-        self.diff, self.base_docs, self.cfg, self.seed, self.pad_id = diff, base_docs, cfg, seed, pad_id
+    def __init__(self, diff: dict, mixers: list, seed: int):
+        self.diff, self.mixers, self.seed = diff, [(n, draw) for n, draw in mixers if n], seed
         self.n_diff = len(diff["input_ids"])
-        self.n_replay = round(cfg["method"]["replay"]["ratio"] * self.n_diff) if "replay" in cfg["method"] else 0
-        self.size = self.n_diff + self.n_replay
+        self.size = self.n_diff + sum(n for n, _ in self.mixers)
         self._epoch, self._data = None, None
 
     def build(self, epoch: int) -> dict:
         data = {**self.diff, "source": torch.zeros(self.n_diff, dtype=torch.long)}
-        if self.n_replay:
-            base = replay.blocks(self.base_docs, self.cfg["seq_len"], self.n_replay,
-                                 np.random.default_rng([self.seed, epoch, 1]), self.pad_id)
-            if "weights" in data:  # replayed base text keeps the plain loss
-                base["weights"] = (base["labels"] != -100).float()
-            base["source"] = torch.ones(self.n_replay, dtype=torch.long)
-            data = {k: torch.cat([data[k], base[k]]) for k in data}
+        for i, (n, draw) in enumerate(self.mixers, 1):
+            more = draw(np.random.default_rng([self.seed, epoch, i]))
+            if "weights" in data:  # mixed-in text keeps the plain loss
+                more["weights"] = (more["labels"] != -100).float()
+            more["source"] = torch.full((n,), i, dtype=torch.long)
+            data = {k: torch.cat([data[k], more[k]]) for k in data}
         order = torch.from_numpy(np.random.default_rng([self.seed, epoch, 0]).permutation(self.size))
         return {k: v[order] for k, v in data.items()}
 
@@ -115,22 +90,62 @@ def period_docs(tokens, period: int) -> tuple[list[np.ndarray], list[np.ndarray]
 
 # --- the stage ------------------------------------------------------------------------------
 
-def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None, out="train", gpus=0,
-        attention=None, tagged=None, probes=None, weighting_model=None, subnet=None, corpus=None):
+@dataclass(frozen=True)
+class Args:
+    """One training run's arguments (`gradloc train` with one seed). `inputs`: the
+    upstream outputs the method's parts read, by their name in `parts.INPUTS`."""
+    params: dict
+    init: str
+    tokens: str
+    period: int
+    seed: int
+    out: str
+    state: str | None = None
+    gpus: int = 0
+    inputs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Job:
+    """What the parts' hooks see and change (gradloc/parts.py): the run's settings and
+    data, the documents (with their knowledge types and marked tokens, one per document),
+    and what goes into metrics.json (`extra`) and beside it (`files`)."""
+    cfg: dict
+    tokenizer: object
+    toks: object
+    rows: pd.DataFrame
+    period: int
+    seed: int
+    inputs: dict
+    docs: list
+    types: list
+    base_docs: list
+    eos: int
+    pad_id: int
+    marked: list | None = None
+    n_diff: int = 0
+    extra: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+
+
+def run(params: dict, init, tokens, period=1, seed=0, state=None, out="train", gpus=0, probes=None, **inputs):
     """Train one method on one period: from `init` into `out` (metrics returned). With a
     list of seeds, one training per seed in turn, in this process (the workflow's
     `train.group_seeds`: a small model's job is half torch/transformers imports); `init`
     (one for all, or one per seed), `state` and `out` are then lists in seed order.
-    `corpus`: its triples give the fact objects of token weighting's marks (`probes`, the
-    old input, is refused: training never reads the evaluation probes)."""
+    `inputs`: the upstream outputs the method's parts read (`parts.INPUTS`: selection,
+    attention, subnet, tagged, corpus, weighting_model). `probes`, an old input, is
+    refused: training never reads the evaluation probes."""
     from .attention import no_probes
 
     settings(params)  # bad params are named before any input is looked at
     no_probes(probes, "train")
-    if not isinstance(seed, (list, tuple)):
-        return train_one(params, init, tokens, selection, period, seed, state, out, gpus, attention, tagged, corpus,
-                         weighting_model, subnet)
-    n = len(seed)
+    unknown = set(inputs) - set(parts.INPUTS)
+    if unknown:
+        raise InputError(f"train: unknown input(s) {sorted(unknown)}; the method parts read {list(parts.INPUTS)}")
+    inputs = {k: v for k, v in inputs.items() if v}
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+    n = len(seeds)
     inits, outs = as_list(init), as_list(out)
     states = as_list(state) if state else [None] * n
     if len(inits) == 1:
@@ -139,57 +154,38 @@ def run(params: dict, init, tokens, selection=None, period=1, seed=0, state=None
         if len(values) != n:
             raise InputError(f"train: {n} seed(s) but {len(values)} {name} folder(s); give one per seed "
                              "(--init may also be one for all)")
-    return [train_one(params, i, tokens, selection, period, s, st, o, gpus, attention, tagged, corpus,
-                      weighting_model, subnet) for s, i, st, o in zip(seed, inits, states, outs)]
+    metrics = [train_one(Args(params, i, tokens, int(period), int(s), o, st, int(gpus or 0), inputs))
+               for s, i, st, o in zip(seeds, inits, states, outs)]
+    return metrics if isinstance(seed, (list, tuple)) else metrics[0]
 
 
-def train_one(params: dict, init, tokens, selection, period, seed, state, out, gpus, attention, tagged, corpus,
-              weighting_model, subnet) -> dict:
+def train_one(a: Args) -> dict:
     from accelerate.utils import set_seed
 
-    cfg = settings(params)
-    period, seed = int(period), int(seed)
+    cfg = settings(a.params)
+    method = cfg["method"]
     accelerator = engine.make_accelerator(cfg["precision"], cfg["grad_accum"])
-    engine.check_gpus(int(gpus or 0), accelerator.num_processes)
-    set_seed(seed)
+    engine.check_gpus(a.gpus, accelerator.num_processes)
+    set_seed(a.seed)
     # fp32 master weights; mixed precision is autocast on top, never bf16 weights.
-    model, tokenizer = methods.load_checkpoint(init, dtype=torch.float32)
+    model, tokenizer = methods.load_checkpoint(a.init, dtype=torch.float32)
     max_len = max_positions(model)
     if max_len and cfg["seq_len"] > max_len:
         raise InputError(f"train params: seq_len {cfg['seq_len']} exceeds the model's {max_len} positions")
-    prepared = methods.prepare(model, cfg["method"], selection, seed, subnet=subnet, period=period)
-
-    toks = load_tokens(tokens, tokenizer)
-    eos, pad_id = toks.meta["eos_id"], toks.meta["pad_id"] or 0
-    if eos is None:
-        raise InputError("tokenizer has neither an EOS nor a pad token to separate documents")
-    diff_docs, base_docs = period_docs(toks, period)
-    if "replay" in cfg["method"] and not base_docs:
-        raise InputError(f"replay: {toks.path} has no split == 'base' documents to replay")
-    extra, masks = {}, None
-    rows_p = toks.select(period=period, split="train")
-    if "permute_objects" in cfg["method"]:  # the negative control: the same text with wrong facts
-        diff_docs, extra["permute_objects"] = permuted(rows_p, cfg["method"]["permute_objects"], corpus, tagged,
-                                                       tokenizer, period, diff_docs[0].dtype)
-    types, marked = rows_p["knowledge_type"].astype(str).tolist(), None
-    tw = cfg["method"].get("token_weighting")
-    if tw and tagged:  # entity/object tokens: salient_spans' weights and the weights' summary
-        from .attention import marks, spans_of
-
-        texts, spans = spans_of(rows_p, tagged, corpus, period)
-        marked = marks(tokenizer, texts, diff_docs, spans)
-    if "augment" in cfg["method"]:  # token-dropout copies beside each document (methods/augment.py)
-        diff_docs, extra, masks = augmented(diff_docs, cfg["method"]["augment"], attention, toks, tokenizer, seed,
-                                            period)
-        types = with_copies(types, masks, lambda t, k: t)
-        marked = None if marked is None else with_copies(marked, masks, lambda m, k: m[k])
-    weights, files = None, {}
-    if tw:
-        weights, summary, files = token_weights(tw, with_eos(diff_docs, eos), marked, types, tokenizer, toks,
-                                                weighting_model)
-        extra["token_weighting"] = summary
-    diff = cut_blocks(with_eos(diff_docs, eos), cfg["seq_len"], pad_id, weights)
-    data = Epochs(diff, with_eos(base_docs, eos), cfg, seed, pad_id)
+    prepared = methods.prepare(model, method, a.inputs.get("selection"), a.seed, subnet=a.inputs.get("subnet"),
+                               period=a.period)
+    job = load_job(a, cfg, tokenizer)
+    for hook, entry in parts.hooks(method, "prepare"):
+        hook(entry, prepared, job)
+    for hook, entry in parts.hooks(method, "documents"):  # e.g. permute_objects, augment's copies
+        hook(entry, job)
+    docs, weights = engine.with_eos(job.docs, job.eos), None
+    for hook, entry in parts.hooks(method, "weights"):  # token_weighting
+        w = hook(entry, job, docs)
+        weights = w if weights is None else [x * y for x, y in zip(weights, w)]
+    diff = engine.cut_blocks(docs, cfg["seq_len"], job.pad_id, weights)
+    job.n_diff = len(diff["input_ids"])
+    data = Epochs(diff, [hook(entry, job) for hook, entry in parts.hooks(method, "mix")], a.seed)
     W, A, B = accelerator.num_processes, cfg["grad_accum"], cfg["batch_size"]
     steps_per_epoch = math.ceil(data.size / (B * W * A))
     total_steps = steps_per_epoch * cfg["epochs"]
@@ -203,106 +199,53 @@ def train_one(params: dict, init, tokens, selection, period, seed, state, out, g
         return torch.arange(s * B * W * A, min((s + 1) * B * W * A, padded)) % data.size + epoch * data.size
 
     optimizer = methods.make_optimizer(prepared, cfg["lr"], cfg["weight_decay"])
+    for hook, entry in parts.hooks(method, "after_step"):
+        optimizer.register_step_post_hook(lambda *_, hook=hook, entry=entry: hook(entry, prepared.model, job))
     scheduler = engine.make_scheduler(optimizer, cfg["schedule"], total_steps, int(cfg["warmup_ratio"] * total_steps),
                                       W)
-    fp = engine.fingerprint(cfg, [init, tokens, selection, attention, tagged, corpus, weighting_model, subnet], period,
-                            seed, W)
-    tracker = tracking.Run("train", cfg["name"], seed, period, config={**cfg, "period": period, "seed": seed})
+    fp = engine.fingerprint(cfg, [a.init, a.tokens, *(a.inputs.get(k) for k in parts.INPUTS)], a.period, a.seed,
+                            W)
+    tracker = tracking.Run("train", cfg["name"], a.seed, a.period, config={**cfg, "period": a.period, "seed": a.seed})
     model, optimizer, progress = engine.fit(
         accelerator, prepared.model, optimizer, scheduler, data, engine.StepBatches(rows, total_steps, A, W),
-        grad_clip=cfg["grad_clip"], log_every=cfg["log_every"], desc=f"train {cfg['name']} P{period}",
-        state=state, fp=fp, save_every=cfg["save_every"], epoch_of=lambda step: step // steps_per_epoch,
-        tracker=tracker, save_every_minutes=cfg["save_every_minutes"])
+        grad_clip=cfg["grad_clip"], log_every=cfg["log_every"], desc=f"train {cfg['name']} P{a.period}",
+        state=a.state, fp=fp, save_every=cfg["save_every"], epoch_of=lambda step: step // steps_per_epoch,
+        tracker=tracker, save_every_minutes=cfg["save_every_minutes"], loss_fn=loss_fn(method, job))
 
     metrics = {}
     if accelerator.is_main_process:
         run_info = {"device": str(accelerator.device), "processes": W, "mixed_precision": accelerator.mixed_precision,
-                    **{k: v for k, v in extra.items() if k != "augment.md"}}
+                    **job.extra}
         metrics = write_outputs(accelerator.unwrap_model(model), tokenizer, optimizer, prepared, cfg, progress,
-                                total_steps, n_diff=data.n_diff, out=out, period=period, seed=seed, run_info=run_info,
-                                files={**{k: v for k, v in extra.items() if k == "augment.md"}, **files}, init=init)
+                                total_steps, n_diff=data.n_diff, blocks=data.size, out=a.out, period=a.period,
+                                seed=a.seed, run_info=run_info, files=job.files, init=a.init)
     tracker.finish(metrics)
     accelerator.wait_for_everyone()
-    if state and accelerator.is_main_process:
-        shutil.rmtree(state, ignore_errors=True)  # finished: the resumable state is spent
+    if a.state and accelerator.is_main_process:
+        shutil.rmtree(a.state, ignore_errors=True)  # finished: the resumable state is spent
     return metrics
 
 
-def augmented(docs, aug: dict, attention, toks, tokenizer, seed: int, period: int):
-    """(documents with their token-dropout copies, {"augment": summary, "augment.md": text})."""
-    from . import attention as scores_of
-
-    if not attention:
-        raise InputError("augment: needs --attention (the `gradloc attention` folder of this period)")
-    scores = scores_of.load(attention, toks, period)
-    protected = augment.protected_ids(tokenizer)
-    out, masks = augment.apply(docs, scores, aug, protected, seed, period)
-    summary, text = augment.inspect(docs, masks, scores["marked"], protected, aug, tokenizer)
-    log.info("augment %s: %d documents -> %d (%s)", aug["kind"], len(docs), len(out), summary)
-    return out, {"augment": summary, "augment.md": text}, masks
-
-
-def permuted(rows, part: dict, corpus, tagged, tokenizer, period: int, dtype):
-    """(the period's diff documents with the objects of its new and changed facts permuted
-    within each relation, re-tokenized as `gradloc tokens` does; a summary). See
-    methods/permute.py."""
-    from .facts import fact_sets, read_triples
-    from .io import read_table
-    from .methods import permute
-
-    if not corpus or not tagged:
-        raise InputError("permute_objects: needs --corpus (the triples) and --tagged (texts and mentions)")
-    sets = fact_sets(read_triples(corpus), period)
-    changed = pd.concat([sets["updated"], sets["new"]], ignore_index=True)
-    if changed.empty:
-        raise InputError(f"{corpus}/triples.parquet: no new or changed facts in snapshot {period}: nothing to permute")
-    mapping = permute.wrong_objects(changed, int(part["seed"]))
-    seqs = read_table(Path(tagged) / "sequences.parquet", ["seq_id", "text"])
-    text = dict(zip(seqs["seq_id"].astype(str), seqs["text"].astype(str)))
-    mentions = read_table(Path(tagged) / "mentions.parquet", ["seq_id", "entity_id"])
-    mentioned = mentions.groupby(mentions["seq_id"].astype(str))["entity_id"].agg(lambda x: set(map(str, x)))
-    ids = rows["seq_id"].astype(str).tolist()
-    texts, n = permute.permute_texts([text[i] for i in ids], [mentioned.get(i, set()) for i in ids], mapping)
-    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # as `gradloc tokens`
-    docs = [np.asarray(e, dtype=dtype) for e in encoded]
-    wrong = sum(t != w for t, w in mapping.values())
-    summary = {"facts": len(mapping), "facts_made_wrong": wrong, "replacements": n,
-               "documents_changed": sum(a != b for a, b in zip(texts, (text[i] for i in ids)))}
-    if n == 0:
-        raise InputError(f"permute_objects: no object of the period's {len(mapping)} new or changed facts occurs in "
-                         f"a document mentioning its subject ({tagged}): the control would equal full")
-    log.info("permute_objects P%d: %s", period, summary)
-    return docs, summary
+def load_job(a: Args, cfg: dict, tokenizer) -> Job:
+    """The period's diff and base documents from the token files, as the hooks see them."""
+    toks = load_tokens(a.tokens, tokenizer)
+    eos, pad_id = toks.meta["eos_id"], toks.meta["pad_id"] or 0
+    if eos is None:
+        raise InputError("tokenizer has neither an EOS nor a pad token to separate documents")
+    diff_docs, base_docs = period_docs(toks, a.period)
+    rows = toks.select(period=a.period, split="train")
+    return Job(cfg=cfg, tokenizer=tokenizer, toks=toks, rows=rows, period=a.period, seed=a.seed, inputs=a.inputs,
+               docs=diff_docs, types=rows["knowledge_type"].astype(str).tolist(), base_docs=base_docs, eos=eos,
+               pad_id=pad_id)
 
 
-def with_copies(items: list, masks: list[list[np.ndarray]], cut) -> list:
-    """A per-document list expanded like augment.apply's output: each item, then cut(item, mask) per copy."""
-    out = []
-    for x, m in zip(items, masks):
-        out.append(x)
-        out.extend(cut(x, k) for k in m)
-    return out
-
-
-def token_weights(part: dict, docs: list[np.ndarray], marked, types, tokenizer, toks, weighting_model):
-    """(per-token weights of each document with its EOS, summary for metrics.json,
-    {"weights.json": the summary and one document's weights, for the report})."""
-    from .methods import weighting
-
-    model = None
-    marked_eos = None if marked is None else [np.append(m, 0) for m in marked]
-    # Loading and running the weighting model must not move the RNG the training's dropout draws from.
-    with torch.random.fork_rng(devices=[]):
-        if part["kind"] == "camels":
-            if not weighting_model:
-                raise InputError("token_weighting camels: needs --weighting-model (the `gradloc metatrain` folder)")
-            model, wtok = weighting.WeightingModel.load(weighting_model)
-            weighting.check_same_tokenizer(tokenizer, wtok, str(weighting_model))
-        weights = weighting.doc_weights(part, docs, marked_eos, model)
-    summary = {"kind": part["kind"], **weighting.summary(weights, marked_eos, types)}
-    log.info("token weighting %s: %s", part["kind"], summary)
-    doc = weighting.example(weights, marked_eos, docs, tokenizer)
-    return weights, summary, {"weights.json": json.dumps({**summary, "example": doc})}
+def loss_fn(method: dict, job: Job):
+    """The LM loss plus the active parts' extra terms (their `loss` hooks)."""
+    extra = parts.hooks(method, "loss")
+    if not extra:
+        return engine.causal_lm_loss
+    return lambda model, batch: engine.causal_lm_loss(model, batch) + sum(
+        hook(entry, model, batch, job) for hook, entry in extra)
 
 
 def optimizer_state_bytes(optimizer) -> int:
@@ -310,10 +253,9 @@ def optimizer_state_bytes(optimizer) -> int:
                if torch.is_tensor(v))
 
 
-def write_outputs(model, tokenizer, optimizer, prepared, cfg, progress, total_steps, n_diff, out, period, seed,
-                  run_info=None, files=None, init=None):
+def write_outputs(model, tokenizer, optimizer, prepared, cfg, progress, total_steps, n_diff, blocks, out, period,
+                  seed, run_info=None, files=None, init=None):
     params = {id(p): p for p in model.parameters()}.values()
-    n_replay = round(cfg["method"]["replay"]["ratio"] * n_diff) if "replay" in cfg["method"] else 0
     metrics = {
         "method": cfg["name"], "method_config": cfg["method"], "period": period, "seed": seed,
         "trained_units": prepared.trained_units, "granularity": prepared.info["granularity"],
@@ -323,7 +265,7 @@ def write_outputs(model, tokenizer, optimizer, prepared, cfg, progress, total_st
         "total_params": sum(p.numel() for p in params),
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "steps": total_steps, "epochs": cfg["epochs"], "diff_blocks": n_diff,
-        "blocks_per_epoch": n_diff + n_replay, "tokens": progress["tokens"],
+        "blocks_per_epoch": blocks, "tokens": progress["tokens"],
         "wall_time_s": round(progress["elapsed"], 3),
         "final_loss": progress["log"][-1]["loss"] if progress["log"] else None,
         **(run_info or {}),  # device, processes, mixed_precision

@@ -10,9 +10,13 @@ A method is a combination of parts (config `train.methods.*`, defaults in the sc
 - `replay` (Mix-Review): data only, the base blocks `gradloc.train` mixes into each epoch;
 - `checkpoint`: save and load what evaluation and the next period read.
 
-`prepare()` turns a loaded model and a method into a `Prepared` (model to train plus
-optimizer param groups); `make_optimizer()` builds the optimizer. A new localisation
-is another policy returning {unit: multiplier}, or, like `mask`, its own restriction.
+Each part registers itself (its `PART`, gradloc/parts.py), with its schema key, the
+upstream outputs it reads and its hooks into the training stage. `prepare()` turns a
+loaded model and a method into a `Prepared` (model to train plus optimizer param
+groups): the built-in parts that decide which weights train (layers, mask, lora,
+k_adapter) compose here; a new part adds its own `prepare` hook. `make_optimizer()`
+builds the optimizer (a part's `optimizer` hook, else AdamW). A new localisation is
+another layer policy returning {unit: multiplier}, or a part of its own.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import parts
 from ..engine import lm_loss
 from ..io import InputError
 from ..models import layer_units
@@ -40,21 +45,16 @@ __all__ = ["resolve_method", "uses_subnet", "Prepared", "prepare", "make_optimiz
 
 def resolve_method(method: dict | None) -> dict:
     """A method entry validated against the schema with its defaults filled in (a part's
-    presence switches it on), then checked across parts; problems raise InputError."""
+    presence switches it on), then checked across parts (each part's `check`); problems
+    raise InputError."""
+    parts.registered()  # the parts' schemas are in the method schema
     method = fill("$defs.method", method, where="method")
-    if method["layers"] not in POLICIES:
-        raise InputError(f"method.layers: {method['layers']!r} is not one of {list(POLICIES)}")
-    if "lora" in method and "k_adapter" in method:
-        raise InputError("method: choose one adapter, lora or k_adapter")
-    if "k_adapter" in method and method["layers"] != "all":
-        raise InputError("method: k_adapter freezes the base model; use layers: all")
-    if "mask" in method and ("lora" in method or "k_adapter" in method):
-        raise InputError("method: mask trains base weights; it does not combine with lora or k_adapter")
+    parts.check(method)
     return method
 
 
 def uses_subnet(method: dict) -> bool:
-    return method.get("layers") == "subnet" or method.get("mask") == "subnet"
+    return "subnet" in parts.needs(method)
 
 
 @dataclass
@@ -119,8 +119,12 @@ def make_optimizer(prepared: Prepared, lr: float, weight_decay: float) -> torch.
     """AdamW (or RecAdam) over the prepared groups only, so frozen parameters get no state."""
     groups = [{"params": g["params"], "name": g["name"], "lr": lr * g["lr_mult"], "lr_mult": g["lr_mult"],
                "weight_decay": weight_decay if g["decay"] else 0.0} for g in prepared.groups]
-    if "recadam" in prepared.method:
-        optimizer = RecAdam(groups, lr=lr, **prepared.method["recadam"])
+    custom = parts.hooks(prepared.method, "optimizer")  # e.g. recadam
+    if len(custom) > 1:
+        raise InputError(f"method: {len(custom)} parts each bring an optimizer; choose one")
+    if custom:
+        hook, entry = custom[0]
+        optimizer = hook(entry, groups, lr)
     else:  # the fused kernel (CPU and GPU), as Hugging Face's Trainer uses by default
         optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
     if prepared.sparse is not None:

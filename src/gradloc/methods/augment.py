@@ -18,9 +18,15 @@ copies are a pure function of (seed, period, document index).
 
 from __future__ import annotations
 
+import logging
 import unicodedata
 
 import numpy as np
+
+from ..io import InputError
+from ..parts import Part, register
+
+log = logging.getLogger(__name__)
 
 
 def protected_ids(tokenizer) -> np.ndarray:
@@ -118,3 +124,33 @@ def inspect(docs: list[np.ndarray], masks: list[list[np.ndarray]], marked: list[
         lines += ["First copy of one document (~~struck~~: dropped; **bold**: entity/object token):", "",
                   "> " + "".join(words).strip(), ""]
     return summary, "\n".join(lines)
+
+
+def with_copies(items: list, masks: list[list[np.ndarray]], cut) -> list:
+    """A per-document list expanded like `apply`'s output: each item, then cut(item, mask) per copy."""
+    out = []
+    for x, m in zip(items, masks):
+        out.append(x)
+        out.extend(cut(x, k) for k in m)
+    return out
+
+
+def _documents(entry, job):
+    """Each document followed by its copies; the knowledge types and marks follow them."""
+    from .. import attention as scores_of
+
+    path = job.inputs.get("attention")
+    if not path:
+        raise InputError("augment: needs --attention (the `gradloc attention` folder of this period)")
+    scores = scores_of.load(path, job.toks, job.period)
+    protected = protected_ids(job.tokenizer)
+    out, masks = apply(job.docs, scores, entry, protected, job.seed, job.period)
+    summary, text = inspect(job.docs, masks, scores["marked"], protected, entry, job.tokenizer)
+    log.info("augment %s: %d documents -> %d (%s)", entry["kind"], len(job.docs), len(out), summary)
+    job.docs = out
+    job.types = with_copies(job.types, masks, lambda t, k: t)
+    job.marked = None if job.marked is None else with_copies(job.marked, masks, lambda m, k: m[k])
+    job.extra["augment"], job.files["augment.md"] = summary, text
+
+
+PART = register(Part("augment", needs=lambda entry, method: ["attention"], documents=_documents))

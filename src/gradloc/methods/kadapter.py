@@ -9,6 +9,7 @@ from torch import nn
 from ..engine import lm_loss
 from ..io import InputError
 from ..models import find_blocks
+from ..parts import Part, register
 
 
 class AdapterBlock(nn.Module):
@@ -80,3 +81,11 @@ class KAdapterModel(nn.Module):
         logits = self.base.get_output_embeddings()(hidden)
         loss = lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def _check(entry, method):
+    if method.get("layers", "all") != "all":
+        raise InputError("method: k_adapter freezes the base model; use layers: all")
+
+
+PART = register(Part("k_adapter", check=_check))

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..io import InputError, read_json
 from ..models import is_block_unit
+from ..parts import Part, register
 
 
 def read_selection(selection) -> dict:
@@ -94,3 +95,17 @@ def unit_multipliers(policy: str, units: list[str], sel: dict, seed: int) -> dic
     if not mults:
         raise InputError(f"{sel.get('_source', 'selection')}: layers={policy} leaves no unit to train")
     return mults
+
+
+def _needs(entry, method):
+    """tgl_* read the selection; subnet also the subnet stage's densities (and the
+    selection: it trains as many blocks as TGL-FP)."""
+    return (["selection"] if entry != "all" else []) + (["subnet"] if entry == "subnet" else [])
+
+
+def _check(entry, method):
+    if entry not in POLICIES:
+        raise InputError(f"method.layers: {entry!r} is not one of {list(POLICIES)}")
+
+
+PART = register(Part("layers", needs=_needs, check=_check))

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..io import InputError
 from ..models import classify_child, find_blocks
+from ..parts import Part, register
 
 # Leaf names of separate query/value projections, and of fused q/k/v projections.
 QV_LEAVES = {"q_proj", "v_proj", "query", "value", "q", "v", "wq", "wv", "q_lin", "v_lin"}
@@ -88,3 +89,11 @@ def wrap(model: nn.Module, cfg: dict, unit_of: dict[str, str], trained) -> tuple
     targets = lora_targets(model, cfg["targets"], lambda m: unit_of.get(m + ".weight") in trained)
     model.requires_grad_(False)
     return add_lora(model, cfg, {m: unit_of[m + ".weight"] for m in targets})
+
+
+def _check(entry, method):
+    if "k_adapter" in method:
+        raise InputError("method: choose one adapter, lora or k_adapter")
+
+
+PART = register(Part("lora", check=_check))

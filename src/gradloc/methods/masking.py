@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..io import InputError, read_table
+from ..parts import Part, register
 
 
 def knowledge_set(period: int) -> str:
@@ -100,3 +101,11 @@ class SparseUpdate:
     def trainable(self) -> int:
         return sum(int(m.sum()) for _, m, _ in self.items)
 
+
+
+def _check(entry, method):
+    if "lora" in method or "k_adapter" in method:
+        raise InputError("method: mask trains base weights; it does not combine with lora or k_adapter")
+
+
+PART = register(Part("mask", needs=lambda entry, method: ["subnet"], check=_check))

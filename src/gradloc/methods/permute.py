@@ -18,9 +18,18 @@ fact's subject is mentioned in the same document (tagged mentions); the first fa
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
+from ..facts import fact_sets, read_triples
+from ..io import InputError, read_table
+from ..parts import Part, register
+
+log = logging.getLogger(__name__)
 
 
 def wrong_objects(facts: pd.DataFrame, seed: int) -> dict[tuple[str, str], tuple[str, str]]:
@@ -57,3 +66,39 @@ def permute_texts(texts: list[str], mentioned: list[set[str]], mapping: dict) ->
         out.append(new)
         n += k
     return out, n
+
+
+def permuted(rows, part: dict, corpus, tagged, tokenizer, period: int, dtype):
+    """(the period's diff documents with the objects of its new and changed facts permuted
+    within each relation, re-tokenized as `gradloc tokens` does; a summary)."""
+    if not corpus or not tagged:
+        raise InputError("permute_objects: needs --corpus (the triples) and --tagged (texts and mentions)")
+    sets = fact_sets(read_triples(corpus), period)
+    changed = pd.concat([sets["updated"], sets["new"]], ignore_index=True)
+    if changed.empty:
+        raise InputError(f"{corpus}/triples.parquet: no new or changed facts in snapshot {period}: nothing to permute")
+    mapping = wrong_objects(changed, int(part["seed"]))
+    seqs = read_table(Path(tagged) / "sequences.parquet", ["seq_id", "text"])
+    text = dict(zip(seqs["seq_id"].astype(str), seqs["text"].astype(str)))
+    mentions = read_table(Path(tagged) / "mentions.parquet", ["seq_id", "entity_id"])
+    mentioned = mentions.groupby(mentions["seq_id"].astype(str))["entity_id"].agg(lambda x: set(map(str, x)))
+    ids = rows["seq_id"].astype(str).tolist()
+    texts, n = permute_texts([text[i] for i in ids], [mentioned.get(i, set()) for i in ids], mapping)
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # as `gradloc tokens`
+    docs = [np.asarray(e, dtype=dtype) for e in encoded]
+    wrong = sum(t != w for t, w in mapping.values())
+    summary = {"facts": len(mapping), "facts_made_wrong": wrong, "replacements": n,
+               "documents_changed": sum(a != b for a, b in zip(texts, (text[i] for i in ids)))}
+    if n == 0:
+        raise InputError(f"permute_objects: no object of the period's {len(mapping)} new or changed facts occurs in "
+                         f"a document mentioning its subject ({tagged}): the control would equal full")
+    log.info("permute_objects P%d: %s", period, summary)
+    return docs, summary
+
+
+def _documents(entry, job):
+    job.docs, job.extra["permute_objects"] = permuted(job.rows, entry, job.inputs.get("corpus"), job.inputs.get("tagged"),
+                                                      job.tokenizer, job.period, job.docs[0].dtype)
+
+
+PART = register(Part("permute_objects", needs=lambda entry, method: ["tagged", "corpus"], documents=_documents))

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ..parts import Part, register
+
 
 def anneal_lambda(t: float, k: float, t0: float) -> float:
     """lambda(t) = 1 / (1 + exp(-k (t - t0))), written so large |k (t - t0)| never overflows."""
@@ -58,3 +60,6 @@ class RecAdam(torch.optim.Optimizer):
                 pull = min(1.0, g["lr"] * (1 - lam) * g["coeff"])
                 p.add_(state["theta0"] - p, alpha=pull)
         return loss
+
+
+PART = register(Part("recadam", optimizer=lambda entry, groups, lr: RecAdam(groups, lr=lr, **entry)))

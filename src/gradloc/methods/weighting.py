@@ -18,6 +18,7 @@ before the documents are cut into blocks, and cut the same way (padding: weight 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -27,6 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io import InputError
+from ..parts import Part, register
+
+log = logging.getLogger(__name__)
 
 KINDS = ("uniform", "salient_spans", "tfidf", "camels")
 
@@ -163,3 +167,42 @@ def example(weights, marked, docs, tokenizer, min_len: int = 16) -> dict | None:
             return {"tokens": [tokenizer.decode([t]) for t in d.tolist()], "weights": [round(float(x), 5) for x in w],
                     "marked": [] if m is None else [int(x) for x in m]}
     return None
+
+
+def _needs(entry, method):
+    """The tagged mentions and the corpus' triples (salient tokens and the weights'
+    summary; never the evaluation probes); camels also the meta-trained weighting model."""
+    return ["tagged", "corpus"] + (["weighting_model"] if entry.get("kind") == "camels" else [])
+
+
+def _marks(entry, job):
+    """Entity and fact-object tokens of each document (salient_spans' weights, the summary)."""
+    if job.inputs.get("tagged"):
+        from ..attention import marks, spans_of
+
+        texts, spans = spans_of(job.rows, job.inputs["tagged"], job.inputs.get("corpus"), job.period)
+        job.marked = marks(job.tokenizer, texts, job.docs, spans)
+
+
+def _weights(entry, job, docs):
+    """Per-token weights of each document with its EOS; the summary goes to metrics.json,
+    it and one document's weights to weights.json (the report's figure)."""
+    model, path = None, job.inputs.get("weighting_model")
+    marked = None if job.marked is None else [np.append(m, 0) for m in job.marked]
+    # Loading and running the weighting model must not move the RNG the training's dropout draws from.
+    with torch.random.fork_rng(devices=[]):
+        if entry["kind"] == "camels":
+            if not path:
+                raise InputError("token_weighting camels: needs --weighting-model (the `gradloc metatrain` folder)")
+            model, wtok = WeightingModel.load(path)
+            check_same_tokenizer(job.tokenizer, wtok, str(path))
+        weights = doc_weights(entry, docs, marked, model)
+    info = {"kind": entry["kind"], **summary(weights, marked, job.types)}
+    log.info("token weighting %s: %s", entry["kind"], info)
+    doc = example(weights, marked, docs, job.tokenizer)
+    job.extra["token_weighting"] = info
+    job.files["weights.json"] = json.dumps({**info, "example": doc})
+    return weights
+
+
+PART = register(Part("token_weighting", needs=_needs, documents=_marks, weights=_weights))
