@@ -32,11 +32,11 @@ include: "workflow/rules/extras.smk"
 
 rule all:
     input:
-        all_targets(),
-        extra_targets(),
+        P.all_targets(),
+        P.extra_targets(TRACKING["backend"]),
     default_target: True
 
 
 rule data:
     input:
-        data_targets(),
+        P.data_targets(),

@@ -21,13 +21,8 @@ def schema() -> dict:
     return yaml.safe_load(resources.files("gradloc").joinpath("config.schema.yaml").read_text())
 
 
-def schema_path() -> str:
-    """Filesystem path of the packaged schema (for Snakemake's `validate`)."""
-    return str(resources.files("gradloc").joinpath("config.schema.yaml"))
-
-
 @functools.cache
-def _validator_class():
+def _validator_class(ref_defaults: bool = True):
     import jsonschema
 
     base = jsonschema.Draft202012Validator
@@ -37,7 +32,8 @@ def _validator_class():
         # Fill a missing key's default before validating, so nested defaults fill too.
         if isinstance(instance, dict):
             for key, sub in properties.items():
-                if isinstance(sub, dict) and "default" not in sub and str(sub.get("$ref", "")).startswith("#/$defs/"):
+                if ref_defaults and isinstance(sub, dict) and "default" not in sub and \
+                        str(sub.get("$ref", "")).startswith("#/$defs/"):
                     sub = schema()["$defs"].get(sub["$ref"].rsplit("/", 1)[1], {})  # {$ref: path_or_null}
                 if key not in instance and isinstance(sub, dict) and "default" in sub:
                     instance[key] = copy.deepcopy(sub["default"])
@@ -46,11 +42,14 @@ def _validator_class():
     return jsonschema.validators.extend(base, {"properties": properties_with_defaults})
 
 
-def section(name: str) -> dict:
-    """The sub-schema of a dotted config key ("train", "data.synthetic") or of a named
-    definition ("$defs.method"); references resolve against the whole schema."""
+def section(name: str | None) -> dict:
+    """The sub-schema of a dotted config key ("train", "data.synthetic"), of a named
+    definition ("$defs.method") or, for None, the whole config; references resolve
+    against the whole schema."""
     node = schema()
-    if name.startswith("$defs."):
+    if name is None:
+        pass
+    elif name.startswith("$defs."):
         node = node["$defs"][name.split(".", 1)[1]]
     else:
         for key in name.split("."):
@@ -61,17 +60,25 @@ def section(name: str) -> dict:
 def fill(name: str, params: dict | None, where: str | None = None, ignore_required: bool = False) -> dict:
     """`params` validated against section `name`, defaults filled in (a new dict).
     One InputError lists every problem, each naming its key (`where.key.sub`)."""
+    instance = copy.deepcopy(params) if params is not None else {}
+    lines = errors(name, instance, where=where, ignore_required=ignore_required)
+    if lines:
+        raise InputError("invalid parameters:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0])
+    return instance
+
+
+def errors(name: str | None, instance: dict, where: str | None = None, ignore_required: bool = False,
+           ref_defaults: bool = True) -> list[str]:
+    """Validate `instance` against section `name`, filling its defaults in place; one
+    line per problem, `key.sub: message`. `ref_defaults=False` leaves keys whose only
+    default is that of a referenced definition unset (the workflow's config, as before)."""
     sub = section(name)
     if ignore_required:
         sub.pop("required", None)
-    instance = copy.deepcopy(params) if params is not None else {}
-    validator = _validator_class()(sub)
-    errors = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.path])
-    if errors:
-        prefix = where or name
-        lines = [f"{'.'.join([prefix, *map(str, e.path)])}: {_message(e)}" for e in errors]
-        raise InputError("invalid parameters:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0])
-    return instance
+    validator = _validator_class(ref_defaults)(sub)
+    found = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.path])
+    prefix = [where or name] if (where or name) else []
+    return [f"{'.'.join([*prefix, *map(str, e.path)]) or '(top level)'}: {_message(e)}" for e in found]
 
 
 def _message(error) -> str:
@@ -82,8 +89,3 @@ def _message(error) -> str:
         if known and unknown:
             return f"unknown key(s) {unknown}; expected one of {known}"
     return error.message
-
-
-def defaults(name: str) -> dict:
-    """Every default of section `name` (what `fill(name, {})` gives, required keys aside)."""
-    return fill(name, {}, ignore_required=True)

@@ -9,7 +9,7 @@ rule small_model:
     output:
         directory(f"{R}/small_model"),
     params:
-        p=small_model_params(),
+        p=P.small_model_params(),
         state=f"{R}/.train_state/small_model",
     log:
         f"{R}/logs/small_model.log",
@@ -36,7 +36,7 @@ rule attention:
     output:
         directory(f"{R}/attention/P{{period}}"),
     params:
-        p=attention_params(),
+        p=P.attention_params(),
     log:
         f"{R}/logs/attention/P{{period}}.log",
     benchmark:

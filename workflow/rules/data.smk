@@ -4,7 +4,7 @@ rule download:
     output:
         directory(f"{R}/corpus"),
     params:
-        p=data_params(),
+        p=P.data_params(),
     log:
         f"{R}/logs/download.log",
     conda:

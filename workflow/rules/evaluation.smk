@@ -6,7 +6,7 @@ EVAL_GPUS = 0 if config["model"]["source"] == "scratch" else 1
 
 rule evaluate:
     input:
-        models=method_checkpoints,
+        models=P.method_checkpoints,
         probes=rules.probes.output[0],
         tokens=rules.tokens.output[0],
     output:

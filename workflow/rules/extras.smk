@@ -4,7 +4,7 @@
 
 rule lm_eval:
     input:
-        models=final_checkpoints,
+        models=P.final_checkpoints,
     output:
         [directory(f"{R}/lm_eval/{{method}}/seed{s}") for s in SEEDS],
     params:
@@ -55,8 +55,8 @@ rule general_ability:
 
 rule model_cards:
     input:
-        evals=report_evals,
-        trains=report_trains,
+        evals=P.report_evals,
+        trains=P.report_trains,
     output:
         directory(f"{R}/model_cards"),
     log:
@@ -69,8 +69,8 @@ rule model_cards:
 
 rule tracked_curves:
     input:
-        trains=report_trains,
-        others=tracked_inputs,
+        trains=P.report_trains,
+        others=P.tracked_inputs,
     output:
         **{k: report(f"{R}/extras/tracked_{k}.png", caption=f"../report/tracked_{k}.rst", category="Training",
                      labels={"figure": f"tracked {k} curves"}) for k in ("train", "pretrain", "subnet", "camels")},

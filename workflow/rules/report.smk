@@ -1,11 +1,11 @@
 rule report:
     input:
-        evals=report_evals,
-        trains=report_trains,
+        evals=P.report_evals,
+        trains=P.report_trains,
         profile=rules.profile.output[0],
         subnet=rules.subnet.output[0],
         base_model=rules.base_model.output[0],
-        weighting=lambda w: [f"{R}/weighting_model"] if uses_camels() else [],
+        weighting=lambda w: [f"{R}/weighting_model"] if P.uses("weighting_model") else [],
     # report(...) marks what `snakemake --report report.html` embeds; captions are
     # relative to this file.
     output:

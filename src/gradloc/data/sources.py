@@ -5,11 +5,9 @@ fetching URLs. The loaders themselves: `temporalwiki.py`, `ecbd.py`, `local.py`.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import urllib.parse
 import urllib.request
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from ..io import InputError, read_table
+from ..io import InputError
 from . import ENTITY_COLUMNS, TRIPLE_COLUMNS
 
 DATA_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".parquet", ".jsonl", ".jsonl.gz", ".json")
@@ -94,31 +92,6 @@ def suffix_of(path: Path) -> str:
     return next((s for s in sorted(DATA_SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
 
 
-def data_files(root: Path) -> list[Path]:
-    """Data files (csv, parquet, json lines) anywhere under root, in a stable order."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and suffix_of(p))
-
-
-def extract_zips(root: Path, dest: Path, wanted: list[re.Pattern], skip: set[str] = frozenset()) -> None:
-    """Unpack, from every zip under root, the data files whose name matches one of
-    `wanted` (the hub ships TemporalWiki as zips; we only need some periods), except
-    those whose file name is in `skip` (already unpacked beside the zip)."""
-    for archive in sorted(root.rglob("*.zip")):
-        try:
-            with zipfile.ZipFile(archive) as z:
-                for member in z.namelist():
-                    name = Path(member).name
-                    if (member.endswith("/") or "__MACOSX" in member or not suffix_of(Path(name))
-                            or name in skip or not any(w.search(name) for w in wanted)):
-                        continue
-                    target = dest / archive.stem / Path(member)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with z.open(member) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out)
-        except zipfile.BadZipFile:
-            raise InputError(f"{archive}: not a valid zip file") from None
-
-
 def header(path: Path) -> list[str]:
     """Column names of a data file without reading all of it."""
     suffix = suffix_of(path)
@@ -148,18 +121,6 @@ def _jsonl_keys(path: Path) -> list[str]:
                     raise InputError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
                 return list(obj) if isinstance(obj, dict) else []
     return []
-
-
-def read_rows(path: Path, nrows: int | None = None) -> pd.DataFrame:
-    """A whole data file, or its first nrows (csv is not parsed past them)."""
-    suffix = suffix_of(path)
-    if nrows is not None and suffix in (".csv", ".csv.gz"):
-        try:
-            return pd.read_csv(path, nrows=nrows, keep_default_na=False)
-        except Exception as e:
-            raise InputError(f"{path}: cannot read as csv: {e}") from e
-    df = read_table(path)
-    return df.head(nrows) if nrows is not None else df
 
 
 def is_url(path: str) -> bool:

@@ -72,7 +72,6 @@ class KAdapterModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-
         out = self.base.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         a = 0
         for layer, adapter in zip(self.settings["layers"], self.adapters):

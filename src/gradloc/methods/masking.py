@@ -102,7 +102,6 @@ class SparseUpdate:
         return sum(int(m.sum()) for _, m, _ in self.items)
 
 
-
 def _check(entry, method):
     if "lora" in method or "k_adapter" in method:
         raise InputError("method: mask trains base weights; it does not combine with lora or k_adapter")

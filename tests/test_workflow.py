@@ -1,0 +1,100 @@
+"""gradloc.workflow, the logic the Snakemake rules glue together, without snakemake: the
+one config check, the periods, each method's inputs from the registry of parts, the
+config slices that decide reruns, and the targets."""
+
+import copy
+import json
+
+import pytest
+import yaml
+
+from gradloc import workflow
+from gradloc.io import InputError
+from helpers import ROOT
+
+
+def config(name="test", **train):
+    c = yaml.safe_load((ROOT / "config" / f"{name}.yaml").read_text())
+    c["train"].update(train)
+    return workflow.check(c)
+
+
+def test_check_fills_defaults_and_names_every_bad_key():
+    c = config()
+    assert c["train"]["methods"]["full"]["layers"] == "all"  # a default of $defs.method
+    bad = yaml.safe_load((ROOT / "config" / "test.yaml").read_text())
+    bad["profile"]["n_sequence"] = 8
+    bad["train"]["methods"]["full"] = {"layers": "tgl"}
+    with pytest.raises(InputError) as e:
+        workflow.check(bad)
+    lines = str(e.value).splitlines()
+    assert lines[0] == "invalid configuration:"
+    assert any(line.startswith("  profile: unknown key(s) ['n_sequence']") for line in lines)
+    assert any(line.startswith("  train.methods.full.layers: 'tgl' is not one of") for line in lines)
+
+
+def test_a_cross_part_conflict_fails_before_any_job():
+    with pytest.raises(InputError, match="one adapter"):
+        config(methods={"x": {"lora": {}, "k_adapter": {}}})
+    c = yaml.safe_load((ROOT / "config" / "test.yaml").read_text())
+    c["subnet"]["periods"] = [1]
+    c["train"]["methods"] = {"s": {"mask": "subnet"}}
+    with pytest.raises(InputError, match=r"subnet.periods: .*add period\(s\) \[2\]"):
+        workflow.check(c)
+
+
+def test_each_method_reads_what_its_parts_need():
+    plan = workflow.Plan(config(methods={
+        "full": {}, "tgl_fp": {"layers": "tgl_fp"}, "sal": {"token_weighting": {"kind": "salient_spans"}},
+        "camels": {"token_weighting": {"kind": "camels"}}, "aug": {"augment": {"kind": "random"}},
+        "sub": {"layers": "subnet"}}))
+    R = plan.R
+    assert plan.method_inputs("full", 1) == {}
+    assert plan.method_inputs("tgl_fp", 1) == {"selection": f"{R}/select/selection.json"}
+    assert plan.method_inputs("sal", 1) == {"tagged": f"{R}/tagged", "corpus": f"{R}/corpus"}
+    assert list(plan.method_inputs("camels", 1)) == ["tagged", "corpus", "weighting_model"]
+    assert plan.method_inputs("aug", 2) == {"attention": f"{R}/attention/P2"}
+    assert list(plan.method_inputs("sub", 1)) == ["selection", "subnet"]
+    assert plan.input_args(plan.method_inputs("camels", 1)) == (
+        f"--tagged {R}/tagged --corpus {R}/corpus --weighting-model {R}/weighting_model")
+    assert plan.uses("weighting_model") and plan.uses("attention")
+    assert f"{R}/weighting_model" in plan.tracked_inputs() and f"{R}/small_model" in plan.tracked_inputs()
+
+
+def test_editing_one_method_changes_only_its_params():
+    a = workflow.Plan(config())
+    c = copy.deepcopy(a.config)
+    name = a.methods[0]
+    c["train"]["methods"][name]["lr"] = 0.5
+    b = workflow.Plan(c)
+    assert a.train_params(name) != b.train_params(name)
+    assert all(a.train_params(m) == b.train_params(m) for m in a.methods[1:])
+    p = json.loads(b.train_params(name))
+    assert set(p) == {"name", "common", "method"} and "methods" not in p["common"]
+    c["parts"] = ["my_part.py"]  # the part files travel with every train job
+    assert json.loads(workflow.Plan(c).train_params(name))["parts"] == ["my_part.py"]
+
+
+def test_periods_and_targets():
+    plan = workflow.Plan(config())
+    n = plan.config["data"]["synthetic"]["n_snapshots"] - 1
+    assert plan.periods() == list(range(1, n + 1))
+    assert len(plan.report_evals()) == n * (1 + len(plan.methods) * len(plan.seeds))
+    assert plan.all_targets()[-1] == f"{plan.R}/report/table.md"
+    local = workflow.Plan({**plan.config, "data": {"source": "local"}})
+    with pytest.raises(InputError, match="manifest"):
+        local.periods()
+
+
+def test_periods_of_local_data_come_from_the_manifest(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"periods": [{"index": 1}, {"index": 2}, {"index": 3}]}))
+    plan = workflow.Plan({**config(), "data": {"source": "local"}}, manifest=lambda: tmp_path / "manifest.json")
+    assert plan.periods() == [1, 2, 3]
+
+
+def test_grouped_seeds_make_one_job_per_method_and_period():
+    plan = workflow.Plan(config(group_seeds=True, seeds=[0, 1]))
+    assert plan.train_pattern("train") == [f"{plan.R}/train/{{method}}/seed{s}/P{{period}}" for s in (0, 1)]
+    assert "{seed}" not in plan.train_job_path("logs/train", ".log")
+    one = workflow.Plan(config(group_seeds=False, seeds=[0, 1]))
+    assert one.train_pattern("train") == [f"{one.R}/train/{{method}}/seed{{seed}}/P{{period}}"]
