@@ -19,8 +19,13 @@ from pathlib import Path
 import yaml
 
 from .io import InputError, NonFiniteError
+from .parts import INPUTS
 
-# stage -> (module, [(argument, help)]); each module exposes run(params, **arguments)
+# stage -> (module, [(argument, help)]); each module exposes run(params, **arguments).
+# One declaration per argument: a name ends in `?` (optional), `+` (one or more, paired in
+# order: several checkpoints evaluated or seeds trained in one process) or `*` (a list,
+# maybe empty), and `:int` makes it an integer. `gradloc train` also takes every upstream
+# output a method part can read (gradloc.parts.INPUTS).
 STAGES = {
     "download": ("gradloc.data.download", [("out", "output folder (corpus)")]),
     "prefetch": ("gradloc.prefetch", [("out", "record of what was fetched (JSON file)")]),
@@ -29,79 +34,81 @@ STAGES = {
     "probes": ("gradloc.probes", [("corpus", "corpus folder"), ("tagged", "tagged folder"), ("out", "output folder")]),
     "base-model": ("gradloc.basemodel", [("corpus", "corpus folder"), ("split", "split folder"),
                                          ("probes", "probes folder"),
-                                         ("state", "folder for resumable training state"),
-                                         ("tokenizer", "model folder whose tokenizer a scratch model uses "
-                                                       "(default: train one on T0)"),
+                                         ("state?", "folder for resumable training state"),
+                                         ("tokenizer?", "model folder whose tokenizer a scratch model uses "
+                                                        "(default: train one on T0)"),
                                          ("out", "output folder")]),
     "tokens": ("gradloc.tokens", [("model", "base model folder (its tokenizer)"), ("tagged", "tagged folder"),
                                   ("out", "output folder")]),
     "profile": ("gradloc.profile", [("model", "base model folder"), ("tokens", "tokens folder"),
                                     ("probes", "probes folder"), ("out", "output folder"),
-                                    ("tagged", "tagged folder (mentions, for the salient-span loss)")]),
+                                    ("tagged?", "tagged folder (mentions, for the salient-span loss)")]),
     "attention": ("gradloc.attention", [("large", "the larger model (the base model)"),
                                         ("small", "the smaller model, same tokenizer"), ("tokens", "tokens folder"),
                                         ("tagged", "tagged folder (entity mentions, for the marks)"),
                                         ("corpus", "corpus folder (its triples' objects, for the marks)"),
-                                        ("probes", "no longer read: refused, use --corpus"),
-                                        ("period", "update period index"), ("out", "output folder")]),
+                                        ("probes?", "no longer read: refused, use --corpus"),
+                                        ("period:int", "update period index"), ("out", "output folder")]),
     "subnet": ("gradloc.subnet", [("model", "base model folder"),
-                                  ("corpus", "corpus folder (its triples: the facts, with subnet.facts: corpus)"),
+                                  ("corpus?", "corpus folder (its triples: the facts, with subnet.facts: corpus)"),
                                   ("probes", "probes folder (subjects to leave out; the facts with subnet.facts: "
                                              "probes)"),
                                   ("tokens", "tokens folder"), ("out", "output folder")]),
     "select": ("gradloc.select", [("profile", "profile folder"), ("out", "selection JSON file")]),
-    "train": ("gradloc.train", [("init", "checkpoint(s) to start from (base model or previous period): one "
-                                         "for all seeds or one per seed"),
-                                ("tokens", "tokens folder"), ("selection", "selection JSON file"),
-                                ("attention", "attention folder of this period (augment methods)"),
-                                ("period", "update period index (1..n)"),
-                                ("seed", "random seed(s): several train one after another"),
-                                ("state", "folder(s) for resumable training state, one per seed"),
-                                ("gpus", "GPUs the job asked for (0: any device); fail if fewer are visible"),
-                                ("tagged", "tagged folder (token_weighting: entity mentions)"),
-                                ("corpus", "corpus folder (its triples: token_weighting's fact objects, "
-                                           "permute_objects' facts)"),
-                                ("probes", "no longer read: refused, use --corpus"),
-                                ("weighting_model", "weighting model folder (token_weighting camels)"),
-                                ("subnet", "subnet folder (layers: subnet, mask: subnet)"),
-                                ("out", "output folder(s), one per seed")]),
+    "train": ("gradloc.train", [("init+", "checkpoint(s) to start from (base model or previous period): one "
+                                          "for all seeds or one per seed"),
+                                ("tokens", "tokens folder"),
+                                ("period:int", "update period index (1..n)"),
+                                ("seed+:int", "random seed(s): several train one after another"),
+                                ("state+?", "folder(s) for resumable training state, one per seed"),
+                                ("gpus?:int", "GPUs the job asked for (0: any device); fail if fewer are visible"),
+                                ("probes?", "no longer read: refused, use --corpus"),
+                                *((f"{name}?", help_) for name, (_, help_) in INPUTS.items()),
+                                ("out+", "output folder(s), one per seed")]),
     "metatrain": ("gradloc.metatrain", [("base", "base model folder"),
                                         ("backbone", "small model with the base model's tokenizer"),
                                         ("tokens", "tokens folder"), ("tagged", "tagged folder"),
                                         ("probes", "probes folder"), ("out", "output folder")]),
-    "evaluate": ("gradloc.evaluate", [("model", "checkpoint folder(s)"), ("probes", "probes folder"),
+    "evaluate": ("gradloc.evaluate", [("model+", "checkpoint folder(s)"), ("probes", "probes folder"),
                                       ("tokens", "tokens folder"),
-                                      ("period", "update period index (default: each checkpoint's "
-                                                 "metrics.json; needed for the base model)"),
-                                      ("out", "output folder(s), one per --model"),
-                                      ("method", "method name written into summary.json (default: the "
+                                      ("period?:int", "update period index (default: each checkpoint's "
+                                                      "metrics.json; needed for the base model)"),
+                                      ("out+", "output folder(s), one per --model"),
+                                      ("method?", "method name written into summary.json (default: the "
                                                   "checkpoint's metrics.json, else base)"),
-                                      ("seed", "training seed written into summary.json (default: the "
-                                                "checkpoint's metrics.json, else none)")]),
-    "report": ("gradloc.report", [("evals", "evaluation folders (list)"), ("trains", "training folders (list)"),
+                                      ("seed?:int", "training seed written into summary.json (default: the "
+                                                    "checkpoint's metrics.json, else none)")]),
+    "report": ("gradloc.report", [("evals*", "evaluation folders (list)"), ("trains*", "training folders (list)"),
                                   ("profile", "profile folder"), ("base_model", "base model folder"),
                                   ("out", "output folder"),
-                                  ("subnet", "subnet folder (knowledge-critical subnetworks; optional)"),
-                                  ("weighting", "weighting model folder (CaMeLS meta-training; optional)")]),
-    "lm-eval": ("gradloc.lmeval", [("model", "checkpoint folder(s)"), ("out", "output folder(s), one per --model"),
-                                   ("method", "method name written into summary.json (default: metrics.json, "
-                                              "else base)")]),
-    "general-ability": ("gradloc.lmeval:report", [("evals", "lm-eval folders (list)"), ("out", "output folder")]),
+                                  ("subnet?", "subnet folder (knowledge-critical subnetworks; optional)"),
+                                  ("weighting?", "weighting model folder (CaMeLS meta-training; optional)")]),
+    "lm-eval": ("gradloc.lmeval", [("model+", "checkpoint folder(s)"), ("out+", "output folder(s), one per --model"),
+                                   ("method?", "method name written into summary.json (default: metrics.json, "
+                                               "else base)")]),
+    "general-ability": ("gradloc.lmeval:report", [("evals*", "lm-eval folders (list)"), ("out", "output folder")]),
     "tracked-curves": ("gradloc.report.tracked", [("tracking", "tracking folder (TensorBoard runs)"),
                                                   ("out", "output folder"),
-                                                  ("trains", "training folders (list): the legend's method order")]),
-    "model-cards": ("gradloc.modelcard", [("trains", "training folders (list)"), ("evals", "evaluation folders (list)"),
-                                          ("out", "output folder")]),
+                                                  ("trains*", "training folders (list): the legend's method order")]),
+    "model-cards": ("gradloc.modelcard", [("trains*", "training folders (list)"),
+                                          ("evals*", "evaluation folders (list)"), ("out", "output folder")]),
 }
-LIST_ARGS = {"evals", "trains"}
-# one or more, paired in order: several checkpoints evaluated, or seeds trained, in one process
-SEVERAL_ARGS = {("evaluate", "model"), ("evaluate", "out"), ("train", "seed"), ("train", "init"), ("train", "state"),
-                ("train", "out"), ("lm-eval", "model"), ("lm-eval", "out")}
-INT_ARGS = {"period", "seed", "gpus"}
-OPTIONAL_ARGS = {"selection", "state", "gpus", "tokenizer", "attention", ("attention", "probes"), ("train", "probes"),
-                 ("train", "corpus"), ("train", "tagged"), ("train", "weighting_model"), ("train", "subnet"), ("report", "weighting"),
-                 ("report", "subnet"), ("evaluate", "method"), ("evaluate", "seed"), ("evaluate", "period"),
-                 ("profile", "tagged"), ("subnet", "corpus"), ("lm-eval", "method")}  # name or (stage, name)
+
+
+def spec(text: str) -> tuple[str, dict]:
+    """(name, argparse keywords) of one declaration (see STAGES)."""
+    name, _, kind = text.partition(":")
+    kw = {"type": int} if kind == "int" else {}
+    if name.endswith("?"):
+        name, kw["required"] = name[:-1], False
+    else:
+        kw["required"] = True
+    if name.endswith("*"):
+        name, kw = name[:-1], {**kw, "nargs": "*", "default": []}
+        del kw["required"]
+    elif name.endswith("+"):
+        name, kw["nargs"] = name[:-1], "+"
+    return name, kw
 
 
 def parse_params(text: str) -> dict:
@@ -121,13 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, (_, args) in STAGES.items():
         p = sub.add_parser(stage, help=f"run the {stage} stage")
         p.add_argument("--params", default="{}", help="config slice as JSON, or @file.json/@file.yaml")
-        for name, help_ in args:
-            kw = {"nargs": "*", "default": []} if name in LIST_ARGS else {
-                "required": name not in OPTIONAL_ARGS and (stage, name) not in OPTIONAL_ARGS}
-            if (stage, name) in SEVERAL_ARGS:
-                kw["nargs"] = "+"
-            if name in INT_ARGS:
-                kw["type"] = int
+        for text, help_ in args:
+            name, kw = spec(text)
             p.add_argument(f"--{name.replace('_', '-')}", dest=name, help=help_, **kw)
     return parser
 
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     # The exact command, so the rule's log tells a person how to rerun this stage by hand.
     print("command: " + shlex.join(["gradloc", *argv]), file=sys.stderr, flush=True)
     module_name, arg_spec = STAGES[args.stage]
-    kwargs = {name: getattr(args, name) for name, _ in arg_spec}
+    kwargs = {name: getattr(args, name) for name in (spec(text)[0] for text, _ in arg_spec)}
     try:
         params = parse_params(args.params)
         module_name, _, function = module_name.partition(":")  # module:function, else module.run

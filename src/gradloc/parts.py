@@ -14,8 +14,8 @@ a module that registers its parts when imported). See the README, "Adding a meth
 Hooks (all optional; `entry` is the part's own config, the method entry's value under
 `key`; `job` is the training stage's `gradloc.train.Job` state of the one training run:
 its `cfg`, `tokenizer`, `toks`, `rows`, `period`, `seed`, `inputs` (the paths in
-`INPUTS`), `docs`, `types`, `marked`, `base_docs`, `extra` (metrics.json) and `files`
-(extra output files)):
+`INPUTS`), `docs`, `types`, `marked`, `base_docs`, `extra` (metrics.json), `files`
+(extra output files) and `state` (what a part's hooks share, never written)):
 - `documents(entry, job)`: change the period's training documents (job.docs, with
   job.types and job.marked kept one per document); runs in registry order;
 - `weights(entry, job, docs)`: per-token loss weights, one array per document;

@@ -109,7 +109,8 @@ class Args:
 class Job:
     """What the parts' hooks see and change (gradloc/parts.py): the run's settings and
     data, the documents (with their knowledge types and marked tokens, one per document),
-    and what goes into metrics.json (`extra`) and beside it (`files`)."""
+    what goes into metrics.json (`extra`) and beside it (`files`), and `state`, where a
+    part keeps what its hooks share."""
     cfg: dict
     tokenizer: object
     toks: object
@@ -126,6 +127,7 @@ class Job:
     n_diff: int = 0
     extra: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
+    state: dict = field(default_factory=dict)  # the hooks' own scratch space, by part key (never written)
 
 
 def run(params: dict, init, tokens, period=1, seed=0, state=None, out="train", gpus=0, probes=None, **inputs):
