@@ -2,7 +2,7 @@
 # the Hugging Face cache with the data release and hub models, once; every other job runs
 # with HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 from that cache ($GRADLOC_CACHE, else
 # <results>/hf_cache). Configs with only local or scratch inputs fetch nothing and are
-# left as they are (no prefetch job, no environment change). Settings: common.smk.
+# left as they are (no prefetch job, no environment change). Settings: gradloc.workflow.environment.
 localrules:
     prefetch,
 
