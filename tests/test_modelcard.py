@@ -7,7 +7,7 @@ import json
 from huggingface_hub import ModelCard
 from test_train import run, world  # noqa: F401  (the tiny world fixture)
 
-from gradloc import modelcard
+from gradloc import modelcard, modelcards
 from gradloc.io import write_json
 
 
@@ -33,7 +33,7 @@ def test_model_cards_stage_adds_the_evaluation(world, tmp_path):  # noqa: F811
                "facts": {"candidates": 10, "sets": {"new": {"hits1": 0.375, "chance_hits1": 0.1, "n": 8}}}}
     (tmp_path / "eval").mkdir()
     write_json(summary, tmp_path / "eval" / "summary.json")
-    modelcard.run({}, trains=[str(tmp_path / "train")], evals=[str(tmp_path / "eval")], out=tmp_path / "cards")
+    modelcards.run({}, trains=[str(tmp_path / "train")], evals=[str(tmp_path / "eval")], out=tmp_path / "cards")
     card = ModelCard.load(tmp_path / "cards" / "m" / "seed0" / "P1" / "README.md")
     results = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert results[("new", "object_ppl")] == 30.25 and results[("new", "top1")] == 0.125

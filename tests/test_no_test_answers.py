@@ -115,12 +115,12 @@ def world(tmp_path_factory):
 
 
 def masks(folder: Path) -> dict:
-    from gradloc import subnet
+    from gradloc.core import unpack
 
     out = {}
     for f in sorted((folder / "masks").glob("*.npz")):
         with np.load(f) as z:
-            out[f.name] = subnet.unpack(z)
+            out[f.name] = unpack(z)
     return out
 
 

@@ -11,9 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gradloc import cli, report
+from gradloc import cli, figures, report
 from gradloc.io import InputError
-from gradloc.report import figures
 
 SETS = ("unchanged", "updated", "new", "outdated")
 

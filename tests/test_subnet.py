@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from gradloc import schema, subnet
+from gradloc import core, schema, subnet
 from gradloc.io import InputError
 from helpers import tiny_gpt2, word_tokenizer
 
@@ -59,7 +59,7 @@ def test_pack_round_trip(tmp_path):
     masks = {"a.weight": rng.random((7, 13)) < 0.1, "b.weight": rng.random((1, 5)) < 0.5}
     np.savez(tmp_path / "m.npz", **subnet.pack(masks))
     with np.load(tmp_path / "m.npz") as f:
-        back = subnet.unpack(f)
+        back = core.unpack(f)
     assert back.keys() == masks.keys()
     for k in masks:
         assert back[k].shape == masks[k].shape and (back[k] == masks[k]).all()

@@ -45,7 +45,7 @@ def heldout_base_ids(seq_ids, fraction: float, seed: int) -> list[str]:
     """T0 sequences held out from base-model training (the profile's `heldout_base`
     control): round(fraction * n) of them (at least one when fraction > 0, never all),
     ranked by a stable hash of seq_id and seed, so the choice does not depend on row order."""
-    from .split import stable_unit
+    from .core import stable_unit
 
     ids = sorted(map(str, seq_ids))
     if fraction <= 0 or len(ids) < 2:

@@ -90,7 +90,7 @@ STAGES = {
     "tracked-curves": ("gradloc.report.tracked", [("tracking", "tracking folder (TensorBoard runs)"),
                                                   ("out", "output folder"),
                                                   ("trains*", "training folders (list): the legend's method order")]),
-    "model-cards": ("gradloc.modelcard", [("trains*", "training folders (list)"),
+    "model-cards": ("gradloc.modelcards", [("trains*", "training folders (list)"),
                                           ("evals*", "evaluation folders (list)"), ("out", "output folder")]),
 }
 

@@ -21,7 +21,7 @@ from .io import InputError, NonFiniteError, as_list, atomic_output, read_json, r
 from .methods import load_checkpoint
 from .models import checkpoint_dir, device
 from .scoring import PROBE_COLUMNS, fmt_ppl, ids_logprob, perplexity, score_pairs, score_probes, summarize
-from .tokens import load as load_tokens
+from .tokenfiles import load as load_tokens
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from .methods import load_checkpoint
 from .methods.weighting import WeightingModel, check_same_tokenizer
 from .methods.weighting import summary as weight_summary
 from .models import device
-from .tokens import load as load_tokens
+from .tokenfiles import load as load_tokens
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ UPTAKE_SETS = ("new", "updated", "outdated", "changed")
 def episodes_data(toks, tokenizer, tagged, probes, cfg: dict) -> dict:
     """{"train": [doc], "val": [doc], "other": [ids]}: each doc {ids, probes: [(ids, n_obj)],
     entity}; `other`: T0 documents without probes (the KL text)."""
+    from .core import stable_unit
     from .scoring import encode_probe
-    from .split import stable_unit
 
     rows = toks.select(split="base")
     if rows.empty:
@@ -180,7 +180,7 @@ def make_episode(docs: list[dict], other: list[list[int]], cfg: dict, rng, dev=N
 # --- the stage ------------------------------------------------------------------------------
 
 def run(params: dict, base, backbone, tokens, tagged, probes, out) -> None:
-    from .attention import marks
+    from .core import marks
 
     if isinstance(params, dict) and params.get("inner_steps") == 0:
         raise InputError("camels.inner_steps: 0 inner steps leave the base model unchanged, so the weights get no "

@@ -75,7 +75,7 @@ def load_model(path_or_id, *, revision=None, gguf_file=None, dtype=None):
         model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         if not local:
-            from .prefetch import offline, offline_error
+            from .hub import offline, offline_error
             if offline() and isinstance(e, OSError):
                 raise offline_error(f"model {path_or_id}", revision, e) from None
             raise

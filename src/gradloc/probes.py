@@ -33,10 +33,10 @@ from pathlib import Path
 import pandas as pd
 
 from . import schema
+from .core import stable_unit
 from .factlevel import constant_objects
 from .facts import FACT_COLUMNS, _facts, default_prefix, fact_sets, prefix_function, subject_articles  # noqa: F401 (re-exported)
 from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet
-from .split import stable_unit
 
 log = logging.getLogger(__name__)
 

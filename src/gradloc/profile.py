@@ -23,7 +23,7 @@ from .io import InputError, NonFiniteError, atomic_output, read_json, read_table
 from .models import checkpoint_dir, device, layer_units, load_model, n_blocks, unit_layer
 from .pergrad import aggregate_units, per_example_grad_norms, per_example_param_sq_norms  # noqa: F401
 from .scoring import pad_batch
-from .tokens import load as load_tokens
+from .tokenfiles import load as load_tokens
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def relative_norms(norms: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     interval `d_lo`, `d_hi`: each resample draws type and control *sequences* once and
     recomputes every unit's r from them, so the layers are compared on the same draws.
     `d` is NaN for units that are never selected (embeddings, final norm)."""
-    from .select import is_candidate
+    from .core import is_candidate
 
     rng = np.random.default_rng(seed)
     out = []
@@ -286,7 +286,7 @@ def relative_norms(norms: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
 
 
 def run(params: dict, model, tokens, probes, out, tagged=None) -> None:
-    from .report.figures import heatmap, significance
+    from .figures import heatmap, significance
 
     params = with_defaults(params)
     torch.manual_seed(params["seed"])

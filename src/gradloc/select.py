@@ -15,22 +15,18 @@ multiplier 1.0 under TGL-ALR.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import pandas as pd
 
 from . import schema
+from .core import is_candidate
 from .io import InputError, atomic_output, read_table, require_finite, write_json
 
 log = logging.getLogger(__name__)
 
 def with_defaults(params: dict | None) -> dict:
     return schema.fill("select", params, where="select")
-
-
-def is_candidate(unit: str) -> bool:
-    return re.match(r"^block\.\d+(\.\w+)?$", unit) is not None
 
 
 def _fmt(x: float) -> str:

@@ -10,7 +10,6 @@ each period's diff sequences is held out for perplexity.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import schema
+from .core import stable_unit
 from .io import InputError, atomic_output, read_json, read_table, write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -142,15 +142,6 @@ def added_sentences(old: str, new: str, min_chars: int = 20) -> list[str]:
             out.extend(s for s in b[j1:j2] if len(s) >= min_chars)
     return out
 
-
-def stable_unit(key: str) -> float:
-    """A number in [0, 1) from a string, the same on every machine and Python run
-    (Python's hash() is salted per process)."""
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-# --- building sequences -------------------------------------------------------------------
 
 def _rows(period: int, doc_id: str, origin: str, text: str, split: str) -> list[dict]:
     return [

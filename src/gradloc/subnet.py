@@ -53,12 +53,11 @@ from . import engine, schema, tracking
 from .io import InputError, atomic_output, read_json, read_table, write_json
 from .models import checkpoint_dir, find_blocks, layer_units, load_model, max_positions
 from .scoring import encode_probe, ids_logprob, pad_batch, perplexity, score_probes, summarize
-from .tokens import load as load_tokens
+from .tokenfiles import load as load_tokens
 
 log = logging.getLogger(__name__)
 
 # TGL knowledge type each mask's target set is compared with (report, localization).
-TGL_TYPE = {"outdated": "updated", "unchanged": "unchanged"}
 
 
 # --- which weights the mask covers --------------------------------------------------------
@@ -118,18 +117,6 @@ def pack(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out[name + ".shape"] = np.asarray(m.shape, dtype=np.int64)
     return out
 
-
-def unpack(arrays) -> dict[str, np.ndarray]:
-    """Inverse of `pack` (also reads an opened .npz)."""
-    names = [k for k in arrays.keys() if not k.endswith(".shape")]
-    out = {}
-    for name in names:
-        shape = tuple(int(x) for x in arrays[name + ".shape"])
-        out[name] = np.unpackbits(arrays[name], count=int(np.prod(shape))).reshape(shape).astype(bool)
-    return out
-
-
-# --- the mask's training ---------------------------------------------------------------------
 
 class MaskedLM(nn.Module):
     """The trainable mask logits; the frozen LM is held outside the module tree, so the

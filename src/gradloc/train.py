@@ -23,7 +23,7 @@ import torch
 from . import engine, methods, modelcard, parts, schema, tracking
 from .io import InputError, as_list, atomic_output, write_json
 from .models import max_positions
-from .tokens import load as load_tokens
+from .tokenfiles import load as load_tokens
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def run(params: dict, init, tokens, period=1, seed=0, state=None, out="train", g
     `inputs`: the upstream outputs the method's parts read (`parts.INPUTS`: selection,
     attention, subnet, tagged, corpus, weighting_model). `probes`, an old input, is
     refused: training never reads the evaluation probes."""
-    from .attention import no_probes
+    from .core import no_probes
 
     settings(params)  # bad params are named before any input is looked at
     no_probes(probes, "train")

@@ -214,7 +214,7 @@ def environment(config: dict, src: str) -> dict[str, str]:
     PYTHONPATH, whether or not it is pip-installed; the tracker settings (gradloc.tracking:
     switching trackers reruns nothing); and, when the config fetches from the hub (the
     prefetch rule), the cache and the offline mode."""
-    from .prefetch import needs_prefetch
+    from .hub import needs_prefetch
     from .tracking import settings
 
     tracking = settings(config.get("tracking") or {})

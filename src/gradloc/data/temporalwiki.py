@@ -224,7 +224,7 @@ def fetch(p: dict) -> Path:
     try:
         return Path(_snapshot_download(p["hub_id"], p["revision"], patterns))
     except OSError as e:
-        from ..prefetch import offline, offline_error
+        from ..hub import offline, offline_error
         if offline():
             raise offline_error(f"dataset {p['hub_id']}", p["revision"], e) from None
         raise

@@ -137,12 +137,12 @@ def with_copies(items: list, masks: list[list[np.ndarray]], cut) -> list:
 
 def _documents(entry, job):
     """Each document followed by its copies; the knowledge types and marks follow them."""
-    from .. import attention as scores_of
+    from ..core import attention_scores
 
     path = job.inputs.get("attention")
     if not path:
         raise InputError("augment: needs --attention (the `gradloc attention` folder of this period)")
-    scores = scores_of.load(path, job.toks, job.period)
+    scores = attention_scores(path, job.toks, job.period)
     protected = protected_ids(job.tokenizer)
     out, masks = apply(job.docs, scores, entry, protected, job.seed, job.period)
     summary, text = inspect(job.docs, masks, scores["marked"], protected, entry, job.tokenizer)

@@ -48,7 +48,7 @@ def block_density(subnet, period: int) -> dict[str, float]:
 
 def load_masks(subnet, period: int, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """{parameter name: bool mask of the parameter's shape}, the union over mask seeds."""
-    from ..subnet import unpack
+    from ..core import unpack
 
     folder = Path(subnet) / "masks"
     name = _check_set(subnet, period, [f.name.rsplit("_seed", 1)[0] for f in folder.glob("*_seed*.npz")])

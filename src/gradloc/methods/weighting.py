@@ -51,7 +51,7 @@ class WeightingModel(nn.Module):
         return F.softplus(self.head(h).squeeze(-1), beta=self.beta)
 
     def save(self, folder, tokenizer) -> None:
-        from ..tokens import tokenizer_fingerprint
+        from ..tokenfiles import tokenizer_fingerprint
 
         folder = Path(folder)
         self.backbone.save_pretrained(folder)
@@ -75,7 +75,7 @@ class WeightingModel(nn.Module):
 
 
 def check_same_tokenizer(tokenizer, other, what: str) -> None:
-    from ..tokens import tokenizer_fingerprint
+    from ..tokenfiles import tokenizer_fingerprint
 
     if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(other):
         raise InputError(f"{what}: the weighting model's tokenizer differs from the base model's; it must read "
@@ -178,7 +178,7 @@ def _needs(entry, method):
 def _marks(entry, job):
     """Entity and fact-object tokens of each document (salient_spans' weights, the summary)."""
     if job.inputs.get("tagged"):
-        from ..attention import marks, spans_of
+        from ..core import marks, spans_of
 
         texts, spans = spans_of(job.rows, job.inputs["tagged"], job.inputs.get("corpus"), job.period)
         job.marked = marks(job.tokenizer, texts, job.docs, spans)

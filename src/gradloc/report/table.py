@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ..core import TGL_TYPE
 from ..io import InputError, read_json, read_table, require_finite
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,6 @@ def build_table(evals_df: pd.DataFrame, order: list[str], primary: str, costs: p
 # ----------------------------------------------------------------------------- subnetworks
 
 REMOVAL_COLUMNS = ("target_top1", "target_object_ppl", "control_top1", "control_object_ppl", "heldout_ppl")
-TGL_TYPE = {"outdated": "updated", "unchanged": "unchanged"}  # mask target kind -> profile knowledge type
 
 
 def removal_table(removal: pd.DataFrame) -> pd.DataFrame:
