@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """gradloc benchmarks: every figure measured side by side in one run (README.md).
 
-    python benchmarks/run.py [--preset quick|full|tiny] [--out benchmarks/results.csv]
+    python benchmarks/run.py [--preset quick|full|tiny] [--out benchmarks/measured/results.csv]
 
 One module per figure: 1 `profiling`, 2 `targeted`, 3 `throughput`, 4 `pipeline`,
 5 `scaling`; `common` holds the timing, the rows (numeric targets) and the CSV.
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="sizes and repetitions (full ~10 min on 2 CPU cores plus the pipeline run; quick ~3 min; "
                          "tiny: the smoke test)")
     ap.add_argument("--quick", action="store_true", help="same as --preset quick")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.csv")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "measured" / "results.csv")
     ap.add_argument("--figures", default="1,2,3,4,5", help="comma-separated figures to run (default all)")
     ap.add_argument("--pipeline-config", default="config/test.yaml",
                     help="config of the timed pipeline run of figure 4 (the default config takes hours on a "

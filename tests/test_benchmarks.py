@@ -154,7 +154,7 @@ def test_base_model_sweep_runs_one_tiny_setting(tmp_path):
     grid = tmp_path / "grid.json"
     grid.write_text('[{"steps": 3, "dpe": 1, "arch": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 128}}]')
     out = tmp_path / "sweep.jsonl"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "base_model_sweep.py"), str(grid), "--out", str(out)],
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "studies" / "base_model_sweep.py"), str(grid), "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     row = json.loads(out.read_text())
@@ -162,7 +162,7 @@ def test_base_model_sweep_runs_one_tiny_setting(tmp_path):
     assert row["steps"] == 3 and row["device"] == "cpu" and 300 < row["n_held"] < 600
     assert {"held", "docwording", "worded"} <= set(row) and all(0 <= row[k] <= 1 for k in ("held", "docwording", "worded"))
     # The recorded sweep covers the default config's setting.
-    rows = [json.loads(line) for line in (ROOT / "benchmarks" / "base_model_sweep.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (ROOT / "benchmarks" / "measured" / "base_model_sweep.jsonl").read_text().splitlines()]
     default = [x for x in rows if x["steps"] == 1200 and x["dpe"] == 3 and "arch" not in x and "lr" not in x
                and "bs" not in x]
     assert default and all(x["held"] > 0.5 for x in default)

@@ -2,7 +2,7 @@
 """How well does the embedded base model know the T0 facts? A sweep over the synthetic
 world's mixed-training settings and the model's size and steps.
 
-    python benchmarks/base_model_sweep.py GRID.json [--procs N] [--out results.jsonl]
+    python benchmarks/studies/base_model_sweep.py GRID.json [--procs N] [--out results.jsonl]
 
 GRID.json is a list of settings, each overriding the default config
 (`config/config.yaml`, completed with the schema's defaults by `gradloc.schema.fill`;
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
 CONFIG = ROOT / "config" / "config.yaml"  # the default run's settings; the schema fills the rest

@@ -2,12 +2,12 @@
 # Issue 11 part 4: how much continual training does `full` need before the period-1 facts
 # become answerable in probe wording? Trains `full` (or METHOD_JSON) on period 1, seed 0,
 # from a finished default run's base model and token files, then evaluates.
-#   benchmarks/uptake_sweep.sh RESULTS NAME EPOCHS LR [METHOD_JSON]
+#   benchmarks/studies/uptake_sweep.sh RESULTS NAME EPOCHS LR [METHOD_JSON]
 # COMMON='"batch_size": 4' (a JSON fragment) adds to the common training settings.
 # WORLD='{"new_docs_per_entity": 6, "change_restatements": 3}' trains and evaluates on that
 # variant of config/config.yaml's synthetic world instead (built once under SWEEP_DIR: corpus,
 # split, tag, probes, tokens); its T0 must equal the run's, so the run's base model fits.
-# e.g. for a grid:  for e in 2 8 16; do benchmarks/uptake_sweep.sh results e$e $e 1e-3; done
+# e.g. for a grid:  for e in 2 8 16; do benchmarks/studies/uptake_sweep.sh results e$e $e 1e-3; done
 # Prints one line: top-1 / object ppl per probe set (new, updated, unchanged, outdated).
 set -euo pipefail
 R=$1; name=$2; epochs=$3; lr=$4; method=${5:-"{}"}
