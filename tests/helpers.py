@@ -38,6 +38,50 @@ def tiny_gpt2(vocab_size: int, n_layer: int = 2, n_embd: int = 32, n_positions: 
                                       n_positions=n_positions, bos_token_id=0, eos_token_id=0, **config))
 
 
+# --- one builder per stage folder: the columns each stage writes, defaults for the rest --
+
+SEQUENCE_COLUMNS = ["seq_id", "period", "split", "doc_id", "origin", "text", "knowledge_type"]  # tagged/sequences
+SEQUENCE_DEFAULTS = {"period": 1, "split": "train", "origin": "diff", "knowledge_type": "none"}
+
+
+def write_tagged(folder, rows, mentions=None) -> Path:
+    """A `tagged` folder: sequences.parquet from `rows` (dicts or a DataFrame; missing
+    columns get seq_id s{i}, doc_id d{i} and SEQUENCE_DEFAULTS) and, given, mentions.parquet."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows).copy()
+    n = len(df)
+    for column, value in {"seq_id": [f"s{i}" for i in range(n)], "doc_id": [f"d{i}" for i in range(n)],
+                          **SEQUENCE_DEFAULTS}.items():
+        if column not in df:
+            df[column] = value
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    df[[*SEQUENCE_COLUMNS, *(c for c in df.columns if c not in SEQUENCE_COLUMNS)]].to_parquet(
+        folder / "sequences.parquet")
+    if mentions is not None:
+        pd.DataFrame(mentions).to_parquet(folder / "mentions.parquet")
+    return folder
+
+
+def write_probes(folder, probes) -> Path:
+    """A `probes` folder: probes.parquet from a DataFrame (or dicts)."""
+    import pandas as pd
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(probes).to_parquet(folder / "probes.parquet")
+    return folder
+
+
+def tokens_world(root, model_dir, rows, mentions=None) -> Path:
+    """root/tagged from `rows` (write_tagged) and root/tokens made from it with the
+    tokenizer of `model_dir` (the tokens stage)."""
+    root = Path(root)
+    write_tagged(root / "tagged", rows, mentions)
+    return make_tokens(model_dir, root / "tagged", root / "tokens")
+
+
 def make_tokens(model_dir, tagged_dir, out) -> Path:
     """Run the tokens stage (the base model's tokenizer over tagged/sequences.parquet)."""
     from gradloc import tokens
@@ -88,7 +132,6 @@ def job_counts(out: str) -> dict[str, int]:
 def tiny_train_world(root) -> Path:
     """root/base_model (a 2-block GPT-2, character tokenizer) and root/tokens over 12 base
     and 8 period-1 documents: the inputs of `gradloc train --period 1`."""
-    import pandas as pd
 
     from gradloc.models import save_model
 
@@ -96,9 +139,5 @@ def tiny_train_world(root) -> Path:
     save_model(tiny_gpt2(96, n_layer=2), char_tokenizer(), root / "base_model" / "model")
     rows = [("base", 0, f"Base {i}: river {i % 3} is long and wide.") for i in range(12)]
     rows += [("train", 1, f"New {i}: Alice {i} works at Acme now.") for i in range(8)]
-    df = pd.DataFrame([{"seq_id": f"s{i}", "period": p, "split": s, "doc_id": f"d{i}", "origin": "diff",
-                        "text": t, "knowledge_type": "none"} for i, (s, p, t) in enumerate(rows)])
-    (root / "tagged").mkdir(parents=True)
-    df.to_parquet(root / "tagged" / "sequences.parquet")
-    make_tokens(root / "base_model", root / "tagged", root / "tokens")
+    tokens_world(root, root / "base_model", [{"period": p, "split": s, "text": t} for s, p, t in rows])
     return root

@@ -15,7 +15,7 @@ from gradloc import attention, train
 from gradloc.io import InputError
 from gradloc.methods import augment, resolve_method
 from gradloc.models import save_model
-from helpers import char_tokenizer, make_tokens, tiny_gpt2, word_tokenizer
+from helpers import char_tokenizer, make_tokens, tiny_gpt2, word_tokenizer, write_tagged
 
 torch.set_num_threads(1)
 
@@ -94,12 +94,9 @@ def world(tmp_path_factory):
     rows = [("base", 0, f"Base {i}: river {i % 3} is long.") for i in range(6)]
     rows += [("train", 1, f"New {i}: Alice works at Acme, since {2000 + i}.") for i in range(6)]
     rows += [("train", 2, "Later: Carol moved to Oslo.")]
-    df = pd.DataFrame([{"seq_id": f"s{i}", "period": p, "split": s, "text": t, "knowledge_type": "none"}
-                       for i, (s, p, t) in enumerate(rows)])
-    (root / "tagged").mkdir()
-    df.to_parquet(root / "tagged" / "sequences.parquet")
-    pd.DataFrame({"seq_id": [f"s{i}" for i in range(6, 12)], "period": 1, "entity_id": "alice",
-                  "start": 7, "end": 12}).to_parquet(root / "tagged" / "mentions.parquet")
+    write_tagged(root / "tagged", [{"period": p, "split": s, "text": t} for s, p, t in rows],
+                 mentions=pd.DataFrame({"seq_id": [f"s{i}" for i in range(6, 12)], "period": 1, "entity_id": "alice",
+                                        "start": 7, "end": 12}))
     # Alice's employer in snapshot 1 is marked where a sequence mentions her; Bob's founding
     # year is not (he is not mentioned), nor Alice's T0 employer
     (root / "corpus").mkdir()

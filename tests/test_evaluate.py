@@ -14,7 +14,7 @@ from gradloc import cli, evaluate
 from gradloc.io import InputError
 from gradloc.models import save_model
 from gradloc.scoring import encode_probe, score_probes, summarize
-from helpers import make_tokens, tiny_gpt2, word_tokenizer
+from helpers import tiny_gpt2, tokens_world, word_tokenizer, write_probes
 
 torch.set_num_threads(1)
 WORDS = ["<eos>", "<unk>"] + [f"w{i}" for i in range(40)]
@@ -116,15 +116,11 @@ def test_run_writes_scores_and_heldout_ppl(tmp_path):
     probes = make_probes(model)
     probes["period"] = [1] * 8 + [2] * 3
     probes["subject_id"], probes["subject"], probes["relation"] = "s", "s", "r"
-    (tmp_path / "probes").mkdir()
-    probes.to_parquet(tmp_path / "probes" / "probes.parquet")
+    write_probes(tmp_path / "probes", probes)
     texts = ["w1 w2 w3 w4", "w5 w6", "w7 w8 w9 w10 w11", "w2 w2 w2"]
-    seqs = pd.DataFrame({"seq_id": ["a", "b", "c", "d"], "period": [1, 1, 1, 2],
-                         "split": ["heldout", "heldout", "train", "heldout"], "doc_id": "x",
-                         "origin": "diff", "text": texts, "knowledge_type": "none"})
-    (tmp_path / "tagged").mkdir()
-    seqs.to_parquet(tmp_path / "tagged" / "sequences.parquet")
-    make_tokens(tmp_path / "ckpt", tmp_path / "tagged", tmp_path / "tokens")
+    tokens_world(tmp_path, tmp_path / "ckpt", {"seq_id": ["a", "b", "c", "d"], "period": [1, 1, 1, 2],
+                                                "split": ["heldout", "heldout", "train", "heldout"], "doc_id": "x",
+                                                "text": texts})
 
     evaluate.run({"batch_size": 3}, model=tmp_path / "ckpt", probes=tmp_path / "probes",
                  tokens=tmp_path / "tokens", period=1, out=tmp_path / "eval")
@@ -158,13 +154,9 @@ def test_several_checkpoints_in_one_call_equal_one_call_each(tmp_path):
         (tmp_path / f"c{i}" / "metrics.json").write_text(json.dumps({"method": "full", "seed": i, "period": period}))
     probes = make_probes(model)
     probes["period"], probes["subject_id"], probes["subject"], probes["relation"] = [1] * 8 + [2] * 3, "s", "s", "r"
-    (tmp_path / "probes").mkdir()
-    probes.to_parquet(tmp_path / "probes" / "probes.parquet")
-    (tmp_path / "tagged").mkdir()
-    pd.DataFrame({"seq_id": ["a", "b"], "period": [1, 2], "split": "heldout", "doc_id": "x", "origin": "diff",
-                  "text": ["w1 w2 w3", "w4 w5"], "knowledge_type": "none"}).to_parquet(
-        tmp_path / "tagged" / "sequences.parquet")
-    make_tokens(tmp_path / "c0", tmp_path / "tagged", tmp_path / "tokens")
+    write_probes(tmp_path / "probes", probes)
+    tokens_world(tmp_path, tmp_path / "c0", {"seq_id": ["a", "b"], "period": [1, 2], "split": "heldout", "doc_id": "x",
+                                              "text": ["w1 w2 w3", "w4 w5"]})
     common = ["evaluate", "--probes", str(tmp_path / "probes"), "--tokens", str(tmp_path / "tokens")]
     assert cli.main(common + ["--model", str(tmp_path / "c0"), str(tmp_path / "c1"),
                               "--out", str(tmp_path / "e0"), str(tmp_path / "e1")]) == 0
@@ -199,12 +191,8 @@ def test_k_adapter_checkpoint_is_scored_with_its_adapters(tmp_path):
     save_checkpoint(ka, tokenizer, tmp_path / "ka" / "model")
     probes = make_probes(model)
     probes["period"], probes["subject_id"], probes["subject"], probes["relation"] = 1, "s", "s", "r"
-    (tmp_path / "probes").mkdir()
-    probes.to_parquet(tmp_path / "probes" / "probes.parquet")
-    (tmp_path / "tagged").mkdir()
-    pd.DataFrame({"seq_id": ["a"], "period": [1], "split": ["heldout"], "doc_id": "x", "origin": "diff",
-                  "text": ["w1 w2 w3"], "knowledge_type": "none"}).to_parquet(tmp_path / "tagged" / "sequences.parquet")
-    make_tokens(tmp_path / "ka", tmp_path / "tagged", tmp_path / "tokens")
+    write_probes(tmp_path / "probes", probes)
+    tokens_world(tmp_path, tmp_path / "ka", {"seq_id": ["a"], "split": ["heldout"], "doc_id": "x", "text": ["w1 w2 w3"]})
     evaluate.run({}, model=tmp_path / "ka", probes=tmp_path / "probes", tokens=tmp_path / "tokens", period=1,
                  out=tmp_path / "eval")
     got = pd.read_parquet(tmp_path / "eval" / "scores.parquet")

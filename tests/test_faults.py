@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, char_tokenizer, make_tokens, tiny_gpt2
+from helpers import ROOT, char_tokenizer, tiny_gpt2, tokens_world
 
 pytestmark = pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
 
@@ -60,16 +60,11 @@ def test_full_disk_during_download_is_one_line_and_leaves_nothing(tmp_path):
 def test_full_disk_while_saving_a_checkpoint(tmp_path):
     """A tiny GPT-2 (~240 kB of weights) trained for 2 steps and saved onto a 64 kB disk:
     safetensors' own error is recognised, and no checkpoint folder is left."""
-    import pandas as pd
 
     from gradloc.models import save_model
 
     save_model(tiny_gpt2(96, n_layer=2), char_tokenizer(), tmp_path / "base" / "model")
-    rows = [{"seq_id": f"s{i}", "period": 1, "split": "train", "doc_id": f"d{i}", "origin": "diff",
-             "text": f"Doc {i}: Alice {i} works at Acme now.", "knowledge_type": "none"} for i in range(4)]
-    (tmp_path / "tagged").mkdir()
-    pd.DataFrame(rows).to_parquet(tmp_path / "tagged" / "sequences.parquet")
-    make_tokens(tmp_path / "base", tmp_path / "tagged", tmp_path / "tokens")
+    tokens_world(tmp_path, tmp_path / "base", [{"text": f"Doc {i}: Alice {i} works at Acme now."} for i in range(4)])
     disk = tmp_path / "disk"
     params = json.dumps({"common": {"batch_size": 2, "seq_len": 32, "precision": "no"}, "method": {}})
     rc, err, left = on_small_disk(disk, "64k", [

@@ -11,7 +11,7 @@ import torch
 from gradloc import cli
 from gradloc.io import InputError, NonFiniteError, read_json, write_json
 from gradloc.models import save_model
-from helpers import make_tokens, tiny_gpt2, word_tokenizer
+from helpers import tiny_gpt2, tokens_world, word_tokenizer
 
 torch.set_num_threads(1)
 WORDS = ["<eos>", "<unk>"] + [f"w{i}" for i in range(30)]
@@ -40,12 +40,10 @@ def world(tmp_path, nan_weights: bool, heldout: bool = True):
                   "subject": "w1", "relation": "r", "object": ["w3", "w4 w5"], "prefix": ["w1 w2", "w2"],
                   "statement": ["w1 w2 w3", "w2 w4 w5"]}).to_parquet(tmp_path / "probes" / "probes.parquet")
     texts = ["w1 w2 w3 w4", "w5 w6 w7", "w8 w9 w10", "w1 w1 w2"]
-    pd.DataFrame({"seq_id": list("abcd"), "period": [1, 1, 0, 0],
-                  "split": ["heldout" if heldout else "train", "train", "base", "base"], "doc_id": "x",
-                  "origin": "diff", "text": texts,
-                  "knowledge_type": ["new", "updated", "none", "none"]}).to_parquet(
-        (tmp_path / "tagged").mkdir() or tmp_path / "tagged" / "sequences.parquet")
-    make_tokens(tmp_path / "ckpt", tmp_path / "tagged", tmp_path / "tokens")
+    tokens_world(tmp_path, tmp_path / "ckpt", {"seq_id": list("abcd"), "period": [1, 1, 0, 0],
+                                                "split": ["heldout" if heldout else "train", "train", "base", "base"],
+                                                "doc_id": "x", "text": texts,
+                                                "knowledge_type": ["new", "updated", "none", "none"]})
 
 
 def eval_argv(tmp_path):

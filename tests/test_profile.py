@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaC
 
 from gradloc import profile
 from gradloc.models import layer_units, save_model
-from helpers import make_tokens, word_tokenizer
+from helpers import tokens_world, word_tokenizer
 
 torch.set_num_threads(1)
 V = 50
@@ -107,11 +107,9 @@ def write_inputs(tmp_path):
         text = " ".join(f"w{j}" for j in rng.integers(0, V - 2, size=rng.integers(3, 15)))
         rows.append({"seq_id": f"s{i}", "period": 0 if split == "base" else 1, "split": split, "doc_id": "d",
                      "origin": "base", "text": text, "knowledge_type": kt if split == "train" else "none"})
-    (tmp_path / "tagged").mkdir()
-    pd.DataFrame(rows).to_parquet(tmp_path / "tagged" / "sequences.parquet")
     model = build("gpt2")
     save_model(model, tokenizer(), tmp_path / "base" / "model")
-    make_tokens(tmp_path / "base", tmp_path / "tagged", tmp_path / "tokens")
+    tokens_world(tmp_path, tmp_path / "base", rows)
     return model
 
 

@@ -4,13 +4,12 @@ the tokenizer encodes each text; a token folder made with another tokenizer is r
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from gradloc import cli, tokens
 from gradloc.io import InputError
 from gradloc.models import save_model
-from helpers import char_tokenizer, make_tokens, tiny_gpt2, word_tokenizer
+from helpers import char_tokenizer, make_tokens, tiny_gpt2, word_tokenizer, write_tagged
 
 TEXTS = ["Alice works at Acme.", "", "Bob moved to Oslo in 2020.", "é ü"]
 
@@ -20,8 +19,7 @@ def world(tmp_path):
     save_model(tiny_gpt2(96), char_tokenizer(), tmp_path / "base_model" / "model")
     rows = [{"seq_id": f"s{i}", "period": i % 2, "split": ["base", "train"][i % 2], "doc_id": f"d{i}",
              "origin": "diff", "text": t, "knowledge_type": ["none", "new"][i % 2]} for i, t in enumerate(TEXTS)]
-    (tmp_path / "tagged").mkdir()
-    pd.DataFrame(rows).to_parquet(tmp_path / "tagged" / "sequences.parquet")
+    write_tagged(tmp_path / "tagged", rows)
     return tmp_path
 
 

@@ -12,7 +12,6 @@ import sys
 import time
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -22,7 +21,7 @@ from gradloc import cli, engine, tokens, train
 from gradloc.io import InputError
 from gradloc.methods import masking, replay
 from gradloc.models import layer_units, save_model
-from helpers import char_tokenizer, make_subnet, make_tokens
+from helpers import char_tokenizer, make_subnet, tokens_world
 
 torch.set_num_threads(1)
 
@@ -42,12 +41,8 @@ def world(tmp_path_factory):
     rows = [("base", 0, f"Base {i}: river {i % 3} is long and wide.") for i in range(12)]
     rows += [("train", 1, f"New {i}: Alice {i} works at Acme now.") for i in range(8)]
     rows += [("heldout", 1, "Held out: Bob works at Zeta."), ("train", 2, "Later: Carol moved to Oslo.")]
-    df = pd.DataFrame([{"seq_id": f"s{i}", "period": p, "split": s, "doc_id": f"d{i}", "origin": "diff",
-                        "text": t, "knowledge_type": "none"} for i, (s, p, t) in enumerate(rows)])
-    (root / "tagged").mkdir()
-    df.to_parquet(root / "tagged" / "sequences.parquet")
     (root / "sel.json").write_text(json.dumps(SELECTION))
-    make_tokens(root / "base_model", root / "tagged", root / "tokens")
+    tokens_world(root, root / "base_model", [{"period": p, "split": s, "text": t} for s, p, t in rows])
     return root
 
 
@@ -335,11 +330,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
                                                         embd_pdrop=0.0, attn_pdrop=0.0))
     save_model(model, char_tokenizer(), tmp_path / "base_model" / "model")
     texts = [f"Fact {i:02d}: Alice{i:02d} lives in Oslo." for i in range(16)]  # 31 characters + EOS
-    pd.DataFrame([{"seq_id": f"s{i}", "period": 1, "split": "train", "doc_id": f"d{i}", "origin": "diff", "text": t,
-                   "knowledge_type": "none"} for i, t in enumerate(texts)]).to_parquet(tmp_path / "seqs.parquet")
-    (tmp_path / "tagged").mkdir()
-    (tmp_path / "seqs.parquet").rename(tmp_path / "tagged" / "sequences.parquet")
-    make_tokens(tmp_path / "base_model", tmp_path / "tagged", tmp_path / "tokens")
+    tokens_world(tmp_path, tmp_path / "base_model", [{"text": t} for t in texts])
 
     def train_with(processes, batch_size, out):
         params = {"name": "full", "common": {"lr": 1e-2, "batch_size": batch_size, "seq_len": 32, "precision": "no",
