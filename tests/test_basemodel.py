@@ -10,6 +10,7 @@ import torch
 from gradloc import basemodel, cli
 from gradloc.io import InputError
 from gradloc.models import load_model, save_model
+from helpers import write_probes
 
 torch.set_num_threads(1)
 
@@ -29,11 +30,10 @@ def inputs(tmp_path_factory):
     pd.DataFrame({"seq_id": [f"b{i}" for i in range(len(texts))], "period": 0, "split": "base",
                   "doc_id": [f"d{i}" for i in range(len(texts))], "origin": "base",
                   "text": texts}).to_parquet(root / "split" / "sequences.parquet")
-    (root / "probes").mkdir()
-    pd.DataFrame({"probe_id": [f"p{i}" for i in range(len(FACTS))], "period": 0, "set": "unchanged",
+    write_probes(root / "probes", {"probe_id": [f"p{i}" for i in range(len(FACTS))], "period": 0, "set": "unchanged",
                   "subject_id": "x", "subject": [s for s, _, _ in FACTS], "relation": "r",
                   "object": [o for _, _, o in FACTS], "prefix": [f"{s} {r}" for s, r, _ in FACTS],
-                  "statement": [f"{s} {r} {o}" for s, r, o in FACTS]}).to_parquet(root / "probes" / "probes.parquet")
+                  "statement": [f"{s} {r} {o}" for s, r, o in FACTS]})
     out = root / "base_model"
     basemodel.run(PARAMS, corpus=root / "corpus", split=root / "split", probes=root / "probes", out=out)
     return root, out

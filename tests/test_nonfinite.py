@@ -4,14 +4,13 @@ read, evaluation of a NaN checkpoint, profiling a NaN model; "nothing measured" 
 import json
 import math
 
-import pandas as pd
 import pytest
 import torch
 
 from gradloc import cli
 from gradloc.io import InputError, NonFiniteError, read_json, write_json
 from gradloc.models import save_model
-from helpers import tiny_gpt2, tokens_world, word_tokenizer
+from helpers import tiny_gpt2, tokens_world, word_tokenizer, write_probes
 
 torch.set_num_threads(1)
 WORDS = ["<eos>", "<unk>"] + [f"w{i}" for i in range(30)]
@@ -35,10 +34,9 @@ def world(tmp_path, nan_weights: bool, heldout: bool = True):
         with torch.no_grad():
             model.transformer.h[1].mlp.c_fc.weight.fill_(float("nan"))
     save_model(model, tokenizer, tmp_path / "ckpt" / "model")
-    (tmp_path / "probes").mkdir()
-    pd.DataFrame({"probe_id": ["p0", "p1"], "period": 1, "set": ["new", "updated"], "subject_id": "s",
+    write_probes(tmp_path / "probes", {"probe_id": ["p0", "p1"], "period": 1, "set": ["new", "updated"], "subject_id": "s",
                   "subject": "w1", "relation": "r", "object": ["w3", "w4 w5"], "prefix": ["w1 w2", "w2"],
-                  "statement": ["w1 w2 w3", "w2 w4 w5"]}).to_parquet(tmp_path / "probes" / "probes.parquet")
+                  "statement": ["w1 w2 w3", "w2 w4 w5"]})
     texts = ["w1 w2 w3 w4", "w5 w6 w7", "w8 w9 w10", "w1 w1 w2"]
     tokens_world(tmp_path, tmp_path / "ckpt", {"seq_id": list("abcd"), "period": [1, 1, 0, 0],
                                                 "split": ["heldout" if heldout else "train", "train", "base", "base"],

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaC
 
 from gradloc import profile
 from gradloc.models import layer_units, save_model
-from helpers import tokens_world, word_tokenizer
+from helpers import tokens_world, word_tokenizer, write_probes
 
 torch.set_num_threads(1)
 V = 50
@@ -144,11 +144,10 @@ def test_run_outputs(tmp_path):
 
 def test_probe_source(tmp_path):
     write_inputs(tmp_path)
-    (tmp_path / "probes").mkdir()
-    pd.DataFrame({"probe_id": [f"p{i}" for i in range(6)], "period": [1] * 6,
+    write_probes(tmp_path / "probes", {"probe_id": [f"p{i}" for i in range(6)], "period": [1] * 6,
                   "set": ["new", "updated", "unchanged"] * 2, "subject_id": "x", "subject": "x",
                   "relation": "r", "object": "w3", "prefix": "w1 w2",
-                  "statement": [f"w1 w2 w{i + 3}" for i in range(6)]}).to_parquet(tmp_path / "probes" / "probes.parquet")
+                  "statement": [f"w1 w2 w{i + 3}" for i in range(6)]})
     profile.run({"source": "probes", "n_sequences": 4, "bootstrap": 0, "control": "base", "loss": "sequence"}, model=tmp_path / "base",
                 tokens=tmp_path / "tokens", probes=tmp_path / "probes", out=tmp_path / "profile")
     norms = pd.read_parquet(tmp_path / "profile" / "norms.parquet")

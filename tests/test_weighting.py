@@ -16,7 +16,7 @@ from gradloc import engine, metatrain, train
 from gradloc.io import InputError
 from gradloc.methods import weighting
 from gradloc.models import save_model
-from helpers import char_tokenizer, make_tokens, tiny_gpt2, word_tokenizer
+from helpers import char_tokenizer, make_tokens, tiny_gpt2, word_tokenizer, write_probes, write_tagged
 
 torch.set_num_threads(1)
 
@@ -39,9 +39,7 @@ def world(tmp_path_factory):
                          for i, (s, p, t, _) in enumerate(rows)])
     mentions = pd.DataFrame([{"seq_id": f"s{i}", "entity_id": n, "start": 0, "end": len(n)}
                              for i, (_, _, t, n) in enumerate(rows) if n])
-    (root / "tagged").mkdir()
-    seqs.to_parquet(root / "tagged" / "sequences.parquet")
-    mentions.to_parquet(root / "tagged" / "mentions.parquet")
+    write_tagged(root / "tagged", seqs, mentions)
     probes = [{"period": 0, "set": "unchanged", "subject_id": n, "prefix": f"{n} lives in", "object": f"Town{i % 4}"}
               for i, n in enumerate(names)]
     probes += [{"period": 1, "set": "updated", "subject_id": n, "prefix": f"{n} moved to", "object": f"Port{i}"}
@@ -49,8 +47,7 @@ def world(tmp_path_factory):
     # an unchanged fact probed in period 1 (forgetting): its entity may still be meta-trained on
     probes += [{"period": 1, "set": "unchanged", "subject_id": names[3], "prefix": f"{names[3]} lives in",
                 "object": "Town3"}]
-    (root / "probes").mkdir()
-    pd.DataFrame(probes).to_parquet(root / "probes" / "probes.parquet")
+    write_probes(root / "probes", probes)
     # the corpus' facts: salient spans mark their objects, never the probes' (which train cannot see)
     triples = [{"snapshot": k, "subject_id": n, "subject": n, "relation": "residence",
                 "object": f"Port{i}" if k == 1 and i < 3 else f"Town{i % 4}"}
