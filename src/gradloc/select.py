@@ -47,24 +47,7 @@ def select(relative: pd.DataFrame, params: dict) -> dict:
     """The selection JSON (docs/formats.md) from a relative.csv table."""
     params = with_defaults(params)
     g = params["granularity"]
-    rel = relative[relative["granularity"] == g]
-    if rel.empty:
-        raise InputError(f"relative.csv: no rows with granularity {g!r}")
-    wide = rel.pivot_table(index="unit", columns="knowledge_type", values="rel", sort=False)
-    layer = rel.drop_duplicates("unit").set_index("unit")["layer"]
-    order = layer.sort_values(kind="stable").index.tolist()  # bottom to top
-    wide = wide.reindex(order)
-    candidates = [u for u in order if is_candidate(u)]
-    if not candidates:
-        raise InputError(f"relative.csv: no transformer-block units at granularity {g!r}")
-    types = [t for t in params["knowledge_types"] if t in wide.columns and wide.loc[candidates, t].notna().any()]
-    if not types:
-        raise InputError(f"relative.csv: none of the knowledge types {params['knowledge_types']} was profiled "
-                         f"(found {sorted(wide.columns)})")
-    missing = sorted(set(params["knowledge_types"]) - set(types))
-    if missing:
-        log.warning("select: knowledge type(s) %s not in the profile, using %s", missing, types)
-
+    rel, wide, order, candidates, types = profiled(relative, params)
     picked, why = {}, {u: [] for u in candidates}
     for t in types:
         r = wide.loc[candidates, t].dropna()
@@ -91,26 +74,7 @@ def select(relative: pd.DataFrame, params: dict) -> dict:
     r_mean = wide[types].mean(axis=1)
     norm = r_mean[candidates].mean() if params["alr_normalise"] == "mean" else r_mean[candidates].max()
     multipliers = {u: (float(r_mean[u] / norm) if is_candidate(u) else 1.0) for u in order}
-
-    reasons = {}
-    for u in order:
-        if not is_candidate(u):
-            reasons[u] = "not a transformer block: never selected, lr x1.0"
-            continue
-        verdict = "selected" if u in units else "frozen"
-        if fallback and u in units:
-            verdict = f"selected (fallback: empty {params['combine']}, highest mean r)"
-        elif len(types) > 1:
-            verdict += f" ({params['combine']})"
-        reasons[u] = "; ".join(why[u]) + f" -> {verdict}; lr x{multipliers[u]:.3g}"
-
-    n_layers = int(rel.loc[rel["unit"].map(is_candidate), "layer"].max()) + 1
     significance = significance_of(rel, candidates, types, selected)
-    for u in candidates:
-        sig = [t for t in types if u in significance.get("above_mean", {}).get(t, [])]
-        if significance["available"]:
-            reasons[u] += "; significantly above the mean for " + "/".join(sig) if sig else \
-                "; not significantly above the mean"
     return {
         "granularity": g,
         "rule": params["rule"],
@@ -118,14 +82,58 @@ def select(relative: pd.DataFrame, params: dict) -> dict:
         "knowledge_types": types,
         "combine": params["combine"],
         "alr_normalise": params["alr_normalise"],
-        "n_layers": n_layers,
+        "n_layers": int(rel.loc[rel["unit"].map(is_candidate), "layer"].max()) + 1,
         "units": selected,
         "lr_multipliers": multipliers,
-        "reasons": reasons,
+        "reasons": reasons_of(order, types, why, units, fallback, multipliers, significance, params["combine"]),
         # null: a unit with no relative norm for the chosen types ("nothing measured")
         "relative": {u: (float(r_mean[u]) if pd.notna(r_mean[u]) else None) for u in order},
         "significance": significance,
     }
+
+
+def profiled(relative: pd.DataFrame, params: dict):
+    """(rows of the granularity, unit x knowledge type table bottom to top, units in order,
+    candidate units, the knowledge types profiled), each missing piece named."""
+    g = params["granularity"]
+    rel = relative[relative["granularity"] == g]
+    if rel.empty:
+        raise InputError(f"relative.csv: no rows with granularity {g!r}")
+    wide = rel.pivot_table(index="unit", columns="knowledge_type", values="rel", sort=False)
+    layer = rel.drop_duplicates("unit").set_index("unit")["layer"]
+    order = layer.sort_values(kind="stable").index.tolist()  # bottom to top
+    wide = wide.reindex(order)
+    candidates = [u for u in order if is_candidate(u)]
+    if not candidates:
+        raise InputError(f"relative.csv: no transformer-block units at granularity {g!r}")
+    types = [t for t in params["knowledge_types"] if t in wide.columns and wide.loc[candidates, t].notna().any()]
+    if not types:
+        raise InputError(f"relative.csv: none of the knowledge types {params['knowledge_types']} was profiled "
+                         f"(found {sorted(wide.columns)})")
+    missing = sorted(set(params["knowledge_types"]) - set(types))
+    if missing:
+        log.warning("select: knowledge type(s) %s not in the profile, using %s", missing, types)
+    return rel, wide, order, candidates, types
+
+
+def reasons_of(order, types, why, units, fallback, multipliers, significance, combine) -> dict[str, str]:
+    """Why each unit was selected or frozen, and its lr multiplier, in words."""
+    reasons = {}
+    for u in order:
+        if not is_candidate(u):
+            reasons[u] = "not a transformer block: never selected, lr x1.0"
+            continue
+        verdict = "selected" if u in units else "frozen"
+        if fallback and u in units:
+            verdict = f"selected (fallback: empty {combine}, highest mean r)"
+        elif len(types) > 1:
+            verdict += f" ({combine})"
+        reasons[u] = "; ".join(why[u]) + f" -> {verdict}; lr x{multipliers[u]:.3g}"
+        sig = [t for t in types if u in significance.get("above_mean", {}).get(t, [])]
+        if significance["available"]:
+            reasons[u] += "; significantly above the mean for " + "/".join(sig) if sig else \
+                "; not significantly above the mean"
+    return reasons
 
 
 def significance_of(rel: pd.DataFrame, candidates: list[str], types: list[str], selected: list[str]) -> dict:
