@@ -129,41 +129,8 @@ def diagnostic_sequences(params: dict, tokens, probes, tokenizer=None, model_dir
         for kt in KNOWLEDGE_TYPES:
             parts.append(from_tokens(_sample(train[train["knowledge_type"] == kt], n, seed), kt, kt))
     else:
-        if tokenizer is None:
-            raise InputError("profile source 'probes' needs the model's tokenizer")
-        probe_path = Path(probes) / "probes.parquet"
-        pr = read_table(probe_path, ["probe_id", "period", "set", "statement"]
-                        + (["prefix"] if salient else []))
-        pr = pr[pr["period"] == period]
-        for kt in KNOWLEDGE_TYPES:
-            part = _sample(pr[pr["set"] == kt], n, seed)
-            statements = part["statement"].astype(str).tolist()
-            ids = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in statements]
-            df = pd.DataFrame({"seq_id": part["probe_id"].astype(str).to_numpy(), "knowledge_type": kt, "ids": ids})
-            if salient:  # the object: after the prefix and one space
-                masks = []
-                for st, pre, full in zip(statements, part["prefix"].astype(str), ids):
-                    enc = tokenizer(st, add_special_tokens=True, return_offsets_mapping=True)
-                    a = len(pre)
-                    masks.append([int(e > a and e > s) for s, e in enc["offset_mapping"]]
-                                 if list(enc["input_ids"]) == list(full) else [0] * len(full))
-                df["mask"] = masks
-            parts.append(df)
-    if control == "base":
-        pool = docs[docs["split"] == "base"]
-        what = "base (split == 'base') sequences"
-    elif control == "heldout_base":
-        held = heldout_base_ids(model_dir)
-        if not held:
-            raise InputError("profile control 'heldout_base': the base model held out no T0 text "
-                             "(set model.pretrain.heldout_fraction > 0, or control unchanged_diff / base)")
-        pool = docs[(docs["split"] == "base") & docs["seq_id"].astype(str).isin(held)]
-        what = "held-out T0 sequences (base_model/heldout_base.txt)"
-    else:  # unchanged_diff: disjoint from the `unchanged` diagnostic sample
-        pool = train[train["knowledge_type"] == "unchanged"]
-        taken = set(parts[2]["seq_id"]) if params["source"] == "diff" else set()
-        pool = pool[~pool["seq_id"].astype(str).isin(taken)]
-        what = f"period-{period} diff sequences about unchanged entities (not in the unchanged sample)"
+        parts += probe_sequences(probes, tokenizer, salient, period, n, seed)
+    pool, what = control_pool(control, docs, train, parts, params, model_dir)
     parts.append(from_tokens(_sample(pool, n, seed), "control", "any"))
     out = pd.concat(parts, ignore_index=True)
     for kt in (*KNOWLEDGE_TYPES, "control"):
@@ -173,6 +140,50 @@ def diagnostic_sequences(params: dict, tokens, probes, tokenizer=None, model_dir
         raise InputError(f"{toks.path}: no {what} for the control")
     log.info("profile: control text %s (%s: %s), loss %s", control, params["control"], what, params["loss"])
     return out
+
+
+def probe_sequences(probes, tokenizer, salient: bool, period: int, n: int, seed: int) -> list[pd.DataFrame]:
+    """`source: probes`: each knowledge type's sample of the period's probe statements
+    (with `loss: salient`, the object's tokens marked: after the prefix and one space)."""
+    if tokenizer is None:
+        raise InputError("profile source 'probes' needs the model's tokenizer")
+    pr = read_table(Path(probes) / "probes.parquet", ["probe_id", "period", "set", "statement"]
+                    + (["prefix"] if salient else []))
+    pr = pr[pr["period"] == period]
+    parts = []
+    for kt in KNOWLEDGE_TYPES:
+        part = _sample(pr[pr["set"] == kt], n, seed)
+        statements = part["statement"].astype(str).tolist()
+        ids = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in statements]
+        df = pd.DataFrame({"seq_id": part["probe_id"].astype(str).to_numpy(), "knowledge_type": kt, "ids": ids})
+        if salient:
+            masks = []
+            for st, pre, full in zip(statements, part["prefix"].astype(str), ids):
+                enc = tokenizer(st, add_special_tokens=True, return_offsets_mapping=True)
+                a = len(pre)
+                masks.append([int(e > a and e > s) for s, e in enc["offset_mapping"]]
+                             if list(enc["input_ids"]) == list(full) else [0] * len(full))
+            df["mask"] = masks
+        parts.append(df)
+    return parts
+
+
+def control_pool(control: str, docs: pd.DataFrame, train: pd.DataFrame, parts: list, params: dict, model_dir):
+    """(the documents the control text is sampled from, what they are in words)."""
+    if control == "base":
+        return docs[docs["split"] == "base"], "base (split == 'base') sequences"
+    if control == "heldout_base":
+        held = heldout_base_ids(model_dir)
+        if not held:
+            raise InputError("profile control 'heldout_base': the base model held out no T0 text "
+                             "(set model.pretrain.heldout_fraction > 0, or control unchanged_diff / base)")
+        return (docs[(docs["split"] == "base") & docs["seq_id"].astype(str).isin(held)],
+                "held-out T0 sequences (base_model/heldout_base.txt)")
+    # unchanged_diff: disjoint from the `unchanged` diagnostic sample
+    pool = train[train["knowledge_type"] == "unchanged"]
+    taken = set(parts[2]["seq_id"]) if params["source"] == "diff" else set()
+    return (pool[~pool["seq_id"].astype(str).isin(taken)],
+            f"period-{int(params['period'])} diff sequences about unchanged entities (not in the unchanged sample)")
 
 
 def profile_norms(model, tokenizer, seqs: pd.DataFrame, seq_len: int, batch_size: int) -> pd.DataFrame:
