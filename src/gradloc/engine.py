@@ -265,6 +265,8 @@ def fit(accelerator, model, optimizer, scheduler, dataset: Dataset, batches: Ste
 
 def _fit(accelerator, model, optimizer, scheduler, dataset, batches, grad_clip, log_every, desc, state, fp,
          save_every, loss_fn, epoch_of, save_every_minutes, stop, tracker=None):
+    # One function on purpose (~90 lines): the loop reads device values on the host only at
+    # the log/save points marked below; split into helpers, those sync points would hide.
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     loader = accelerator.prepare(make_loader(dataset, batches))
     progress = load_progress(accelerator, state, fp)

@@ -188,18 +188,9 @@ def train_one(a: Args) -> dict:
     diff = engine.cut_blocks(docs, cfg["seq_len"], job.pad_id, weights)
     job.n_diff = len(diff["input_ids"])
     data = Epochs(diff, [hook(entry, job) for hook, entry in parts.hooks(method, "mix")], a.seed)
-    W, A, B = accelerator.num_processes, cfg["grad_accum"], cfg["batch_size"]
-    steps_per_epoch = math.ceil(data.size / (B * W * A))
-    total_steps = steps_per_epoch * cfg["epochs"]
-
-    # An epoch wraps around to a multiple of processes x grad_accum, so that every step
-    # splits evenly into micro-batches.
-    padded = data.size + (-data.size) % (W * A)
-
-    def rows(step: int) -> torch.Tensor:
-        epoch, s = divmod(step, steps_per_epoch)
-        return torch.arange(s * B * W * A, min((s + 1) * B * W * A, padded)) % data.size + epoch * data.size
-
+    W = accelerator.num_processes
+    batches, steps_per_epoch = schedule(data.size, cfg, W)
+    total_steps = batches.total_steps
     optimizer = methods.make_optimizer(prepared, cfg["lr"], cfg["weight_decay"])
     for hook, entry in parts.hooks(method, "after_step"):
         optimizer.register_step_post_hook(lambda *_, hook=hook, entry=entry: hook(entry, prepared.model, job))
@@ -209,7 +200,7 @@ def train_one(a: Args) -> dict:
                             W)
     tracker = tracking.Run("train", cfg["name"], a.seed, a.period, config={**cfg, "period": a.period, "seed": a.seed})
     model, optimizer, progress = engine.fit(
-        accelerator, prepared.model, optimizer, scheduler, data, engine.StepBatches(rows, total_steps, A, W),
+        accelerator, prepared.model, optimizer, scheduler, data, batches,
         grad_clip=cfg["grad_clip"], log_every=cfg["log_every"], desc=f"train {cfg['name']} P{a.period}",
         state=a.state, fp=fp, save_every=cfg["save_every"], epoch_of=lambda step: step // steps_per_epoch,
         tracker=tracker, save_every_minutes=cfg["save_every_minutes"], loss_fn=loss_fn(method, job))
@@ -226,6 +217,21 @@ def train_one(a: Args) -> dict:
     if a.state and accelerator.is_main_process:
         shutil.rmtree(a.state, ignore_errors=True)  # finished: the resumable state is spent
     return metrics
+
+
+def schedule(size: int, cfg: dict, W: int) -> tuple[engine.StepBatches, int]:
+    """(the rows of each optimizer step over all epochs, steps per epoch). An epoch wraps
+    around to a multiple of processes x grad_accum, so that every step splits evenly into
+    micro-batches."""
+    A, B = cfg["grad_accum"], cfg["batch_size"]
+    steps_per_epoch = math.ceil(size / (B * W * A))
+    padded = size + (-size) % (W * A)
+
+    def rows(step: int) -> torch.Tensor:
+        epoch, s = divmod(step, steps_per_epoch)
+        return torch.arange(s * B * W * A, min((s + 1) * B * W * A, padded)) % size + epoch * size
+
+    return engine.StepBatches(rows, steps_per_epoch * cfg["epochs"], A, W), steps_per_epoch
 
 
 def load_job(a: Args, cfg: dict, tokenizer) -> Job:
