@@ -39,17 +39,7 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out, subne
     if not isinstance(base_metrics, dict):
         raise InputError(f"{base_metrics_path}: expected a JSON object")
     sets, averaged = table.probe_sets(evals_df), table.uptake_sets(evals_df)
-    result = table.build_table(evals_df, order, primary, costs)
-    vs_full = table.versus_full(table.probe_scores(evals), order, averaged=averaged)
-    if not vs_full.empty:  # method minus full with 95% intervals (issue 11): extra columns
-        result = result.merge(vs_full, on=["method", "period"], how="left")
-    fact_table = facts.build(evals, order)
-    fact_vs = facts.versus_full(facts.probe_rows(evals), order)
-    if not fact_table.empty:  # fact-level metrics (issue 20): the table's `fact_*` columns
-        result = result.merge(fact_table, on=["method", "period"], how="left")
-    if not fact_vs.empty:
-        result = result.merge(fact_vs.rename(columns=lambda c: c if c in ("method", "period") else f"fact_{c}"),
-                              on=["method", "period"], how="left")
+    result, vs_full, fact_table, fact_vs = results_table(evals, evals_df, order, primary, costs, averaged)
     labels = method_labels(trains)  # the negative control, named so in table.md
 
     oracle = oracle_labels(subnet, trains)  # subnet.facts: probes: the subnet methods saw the test facts
@@ -59,14 +49,7 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out, subne
         vs_full, fact_table, fact_vs = (df.assign(method=df["method"].replace(oracle)) if not df.empty else df
                                         for df in (vs_full, fact_table, fact_vs))
 
-    sub = None
-    if subnet is not None:  # knowledge-critical subnetworks vs the gradient profile
-        removal = table.removal_table(read_table(Path(subnet) / "removal.csv"))
-        relative = read_table(Path(profile) / "relative.csv", ["knowledge_type", "granularity", "unit", "rel"])
-        paired, correlations = table.localization(read_table(Path(subnet) / "density.csv"), relative,
-                                                  params["localization_bootstrap"])
-        sub = (removal, paired, correlations)
-        text_extra = markdown.subnet_section(removal, correlations)
+    sub = subnet_comparison(subnet, profile, params["localization_bootstrap"]) if subnet is not None else None
 
     with atomic_output(out) as tmp:
         # Plain "\n" and a fixed float format: the same inputs give the same bytes.
@@ -76,7 +59,7 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out, subne
         text += markdown.augment_section([read_json(Path(t) / "metrics.json") for t in trains])
         text += weighting_report(trains, weighting, tmp / "weighting.png", dpi)
         if sub is not None:
-            text += "\n" + "\n".join(text_extra)
+            text += "\n" + "\n".join(markdown.subnet_section(sub[0], sub[2]))
             sub[2].to_csv(tmp / "localization.csv", index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
             figures.localization(sub[1], sub[2], tmp / "localization.png", dpi)
         extra = table.significance_lines(profile) + table.versus_full_lines(vs_full)
@@ -94,6 +77,32 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out, subne
     log.info("report: %d methods (incl. base), %d periods, %d seeds, %d eval folders, %d train logs -> %s "
              "(table %d rows, 3 figures)", len(order), evals_df["period"].nunique(), n_seeds, len(evals_df),
              logs.groupby(["method", "seed", "period"]).ngroups if not logs.empty else 0, out, len(result))
+
+
+def results_table(evals, evals_df, order, primary, costs, averaged):
+    """(table.csv's rows: the per-set metrics, the paired comparisons against full and the
+    fact-level metrics; the comparisons; the fact-level table; its comparisons)."""
+    result = table.build_table(evals_df, order, primary, costs)
+    vs_full = table.versus_full(table.probe_scores(evals), order, averaged=averaged)
+    if not vs_full.empty:  # method minus full with 95% intervals (issue 11): extra columns
+        result = result.merge(vs_full, on=["method", "period"], how="left")
+    fact_table = facts.build(evals, order)
+    fact_vs = facts.versus_full(facts.probe_rows(evals), order)
+    if not fact_table.empty:  # fact-level metrics (issue 20): the table's `fact_*` columns
+        result = result.merge(fact_table, on=["method", "period"], how="left")
+    if not fact_vs.empty:
+        result = result.merge(fact_vs.rename(columns=lambda c: c if c in ("method", "period") else f"fact_{c}"),
+                              on=["method", "period"], how="left")
+    return result, vs_full, fact_table, fact_vs
+
+
+def subnet_comparison(subnet, profile, bootstrap: int):
+    """Knowledge-critical subnetworks vs the gradient profile: (removal table, paired
+    densities and relative norms, their correlations)."""
+    removal = table.removal_table(read_table(Path(subnet) / "removal.csv"))
+    relative = read_table(Path(profile) / "relative.csv", ["knowledge_type", "granularity", "unit", "rel"])
+    paired, correlations = table.localization(read_table(Path(subnet) / "density.csv"), relative, bootstrap)
+    return removal, paired, correlations
 
 
 def method_labels(trains: list) -> dict[str, str]:
