@@ -4,6 +4,9 @@ It trains by hand and through snakemake on config/test.yaml with no other file e
 the registry refuses parts it cannot run."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,3 +87,20 @@ def test_a_new_part_runs_through_the_workflow(tmp_path):
     table = (R / "report" / "table.md").read_text()
     assert "l2" in table and "full" in table
     assert torch.isfinite(torch.tensor(metrics["final_loss"]))
+
+
+def test_an_installed_package_registers_through_the_entry_point(tmp_path):
+    """A distribution with a `gradloc.parts` entry point (here a bare .dist-info on the
+    path, as pip leaves one) is loaded without any `parts:` list."""
+    (tmp_path / "my_part.py").write_text(
+        "from gradloc.parts import Part, register\n"
+        "register(Part('my_part', schema={'type': 'object'}, needs=lambda entry, method: ['tagged']))\n")
+    info = tmp_path / "my_part-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-part\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[gradloc.parts]\nmy_part = my_part\n")
+    code = "from gradloc import parts; print(parts.needs({'layers': 'all', 'my_part': {}}))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['tagged']"
