@@ -357,15 +357,9 @@ def overlap(probes_df: pd.DataFrame, mask_facts: pd.DataFrame) -> dict:
             "eval_probes_sharing_a_subject": int(ev["subject_id"].astype(str).isin({k[0] for k in key}).sum())}
 
 
-def run(params: dict, model, probes, tokens, out, corpus=None) -> None:
-    from pathlib import Path
-
-    params = schema.fill("subnet", params, where="subnet")
-    started = time.time()
-    lm, tokenizer = load_model(checkpoint_dir(model))
-    lm.eval().requires_grad_(False)
-    probes_df = read_table(Path(probes) / "probes.parquet",
-                           ["period", "set", "subject_id", "relation", "prefix", "object", "statement"])
+def mask_facts(params: dict, lm, tokenizer, probes_df: pd.DataFrame, corpus):
+    """(the knowledge sets {name: facts}, the control facts, their overlap with the
+    evaluation probes (none unless subnet.facts: probes), whether they are the probes)."""
     oracle = params["facts"] == "probes"
     if oracle:
         fact_df = probes_df.assign(probe_id=probes_df.index.astype(str))
@@ -386,10 +380,12 @@ def run(params: dict, model, probes, tokens, out, corpus=None) -> None:
         raise AssertionError(f"subnet: mask facts overlap the evaluation probes: {shared}")
     log.info("subnet: facts from the %s: %s, control %d; %s", "evaluation probes (oracle)" if oracle else
              "corpus' triples", {n: len(df) for n, df in sets.items()}, len(control), shared)
+    return sets, control, shared, oracle
 
-    toks = load_tokens(tokens, tokenizer)
-    # Base text for the LM control and the held-out perplexity: T0 documents in a seeded
-    # order, joined with EOS and cut into seq_len-token blocks (most documents are shorter).
+
+def base_blocks(toks, params: dict) -> tuple[list[np.ndarray], list[list[int]]]:
+    """(LM-control blocks, held-out blocks) of base text: T0 documents in a seeded order,
+    joined with EOS and cut into seq_len-token blocks (most documents are shorter)."""
     base = toks.select(split="base")
     order = np.random.default_rng(params["sample_seed"]).permutation(len(base))
     n_lm, n_held = params["n_lm"], params["n_heldout"]
@@ -406,7 +402,20 @@ def run(params: dict, model, probes, tokens, out, corpus=None) -> None:
     if len(docs) < n_lm + n_held:
         raise InputError(f"subnet: the base text gives {len(docs)} blocks of {params['seq_len']} tokens; "
                          f"n_lm + n_heldout = {n_lm + n_held}")
-    lm_seqs, heldout = docs[:n_lm], [d.tolist() for d in docs[n_lm:n_lm + n_held]]
+    return docs[:n_lm], [d.tolist() for d in docs[n_lm:n_lm + n_held]]
+
+
+def run(params: dict, model, probes, tokens, out, corpus=None) -> None:
+    from pathlib import Path
+
+    params = schema.fill("subnet", params, where="subnet")
+    started = time.time()
+    lm, tokenizer = load_model(checkpoint_dir(model))
+    lm.eval().requires_grad_(False)
+    probes_df = read_table(Path(probes) / "probes.parquet",
+                           ["period", "set", "subject_id", "relation", "prefix", "object", "statement"])
+    sets, control, shared, oracle = mask_facts(params, lm, tokenizer, probes_df, corpus)
+    lm_seqs, heldout = base_blocks(load_tokens(tokens, tokenizer), params)
 
     targets = mask_targets(lm, params["blocks"], params["granularity"])
     n_weights = sum(int(np.prod(p.shape)) for n, p in lm.named_parameters() if n in targets)
