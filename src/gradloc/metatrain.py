@@ -179,9 +179,31 @@ def make_episode(docs: list[dict], other: list[list[int]], cfg: dict, rng, dev=N
 
 # --- the stage ------------------------------------------------------------------------------
 
-def run(params: dict, base, backbone, tokens, tagged, probes, out) -> None:
+def load_models(base, backbone, cfg: dict, dev):
+    """(the frozen base model, twice differentiable; the weighting model on the backbone;
+    their one tokenizer), on `dev`."""
+    model, tokenizer = load_checkpoint(base, dtype=torch.float32)
+    bb, btok = load_checkpoint(backbone, dtype=torch.float32)
+    check_same_tokenizer(tokenizer, btok, str(backbone))
+    twice_differentiable(model).to(dev).eval().requires_grad_(False)
+    wmodel = WeightingModel(bb, cfg["head_hidden"], cfg["beta"]).to(dev).eval()  # eval: no dropout, deterministic
+    return model, wmodel, tokenizer
+
+
+def what_was_learned(wmodel, tokenizer, vdocs: list[dict]) -> dict:
+    """The weights on entity/object tokens vs the others, on the validation documents."""
     from .core import marks
 
+    ws = [wmodel(torch.as_tensor([d["ids"]]))[0].detach().numpy() for d in vdocs]
+    spans = [[(m.start(), m.end()) for o in d["objects"] for m in re.finditer(re.escape(o), d["text"])]
+             for d in vdocs]
+    mk = marks(tokenizer, [d["text"] for d in vdocs], [np.asarray(d["ids"][:-1]) for d in vdocs], spans)
+    mk = [np.append(m, 0)[:len(d["ids"])] for m, d in zip(mk, vdocs)]
+    return weight_summary(ws, mk, ["val"] * len(vdocs))
+
+
+def run(params: dict, base, backbone, tokens, tagged, probes, out) -> None:
+    # The outer loop and its early stopping stay in one place (~70 lines with the setup).
     if isinstance(params, dict) and params.get("inner_steps") == 0:
         raise InputError("camels.inner_steps: 0 inner steps leave the base model unchanged, so the weights get no "
                          "gradient; use >= 1")
@@ -191,11 +213,7 @@ def run(params: dict, base, backbone, tokens, tagged, probes, out) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(cfg["seed"])
     torch.use_deterministic_algorithms(True)
-    model, tokenizer = load_checkpoint(base, dtype=torch.float32)
-    bb, btok = load_checkpoint(backbone, dtype=torch.float32)
-    check_same_tokenizer(tokenizer, btok, str(backbone))
-    twice_differentiable(model).to(dev).eval().requires_grad_(False)
-    wmodel = WeightingModel(bb, cfg["head_hidden"], cfg["beta"]).to(dev).eval()  # eval: no dropout, deterministic
+    model, wmodel, tokenizer = load_models(base, backbone, cfg, dev)
     toks = load_tokens(tokens, tokenizer)
     data = episodes_data(toks, tokenizer, tagged, probes, cfg)
     K = cfg["inner_steps"]
@@ -250,14 +268,8 @@ def run(params: dict, base, backbone, tokens, tagged, probes, out) -> None:
     wmodel.load_state_dict(best_state)
     wmodel.cpu()  # saved and summarised from the CPU: head.pt loads anywhere
 
-    # What the weights learned: entity/object tokens vs the others, on the validation documents.
     vdocs = data["val"]
-    ws = [wmodel(torch.as_tensor([d["ids"]]))[0].detach().numpy() for d in vdocs]
-    spans = [[(m.start(), m.end()) for o in d["objects"] for m in re.finditer(re.escape(o), d["text"])]
-             for d in vdocs]
-    mk = marks(tokenizer, [d["text"] for d in vdocs], [np.asarray(d["ids"][:-1]) for d in vdocs], spans)
-    mk = [np.append(m, 0)[:len(d["ids"])] for m, d in zip(mk, vdocs)]
-    learned = weight_summary(ws, mk, ["val"] * len(vdocs))
+    learned = what_was_learned(wmodel, tokenizer, vdocs)
     metrics = {"best_step": best[0], "best_val_loss": best[1], "stop": stop, "steps_run": curve[-1]["step"],
                "inner_steps": K, "train_docs": len(data["train"]), "val_docs": len(vdocs),
                "kl_docs_pool": len(data["other"]), "time_s": round(time.time() - started, 1),
