@@ -57,6 +57,7 @@ def test_each_method_reads_what_its_parts_need():
     assert list(plan.method_inputs("sub", 1)) == ["selection", "subnet"]
     assert plan.input_args(plan.method_inputs("camels", 1)) == (
         f"--tagged {R}/tagged --corpus {R}/corpus --weighting-model {R}/weighting_model")
+    assert plan.input_args(plan.method_inputs("camels", 1), ["weighting_model"]) == f"--weighting-model {R}/weighting_model"
     assert plan.uses("weighting_model") and plan.uses("attention")
     assert f"{R}/weighting_model" in plan.tracked_inputs() and f"{R}/small_model" in plan.tracked_inputs()
 
@@ -98,3 +99,16 @@ def test_grouped_seeds_make_one_job_per_method_and_period():
     assert "{seed}" not in plan.train_job_path("logs/train", ".log")
     one = workflow.Plan(config(group_seeds=False, seeds=[0, 1]))
     assert one.train_pattern("train") == [f"{one.R}/train/{{method}}/seed{{seed}}/P{{period}}"]
+
+
+def test_the_train_rule_passes_every_part_input():
+    """training.smk passes the part inputs in four groups (its command stays the one earlier
+    versions ran); together they must be every name in gradloc.parts.INPUTS."""
+    import re
+
+    from gradloc import parts
+
+    text = (ROOT / "workflow" / "rules" / "training.smk").read_text()
+    groups = [re.findall(r'"(\w+)"', g) for g in re.findall(r"P\.input_args\(input, \[([^\]]*)\]\)", text)]
+    names = [n for g in groups for n in g]
+    assert sorted(names) == sorted(parts.INPUTS) and len(names) == len(set(names))

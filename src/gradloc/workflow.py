@@ -130,9 +130,13 @@ class Plan:
         return {n: paths[n].format(period=period) for n in self.needs(method)}
 
     @staticmethod
-    def input_args(inputs) -> str:
-        """`--name path` for each of a train job's part inputs."""
-        return " ".join(f"--{k.replace('_', '-')} {inputs[k]}" for k in parts.INPUTS if k in inputs.keys())
+    def input_args(inputs, names=None) -> str:
+        """`--name path` for each of a train job's part inputs (of `names`, default all)."""
+        names = list(parts.INPUTS) if names is None else names
+        unknown = set(names) - set(parts.INPUTS)
+        if unknown:
+            raise InputError(f"train inputs: {sorted(unknown)} are not in gradloc.parts.INPUTS")
+        return " ".join(f"--{k.replace('_', '-')} {inputs[k]}" for k in names if k in inputs.keys())
 
     @staticmethod
     def launcher(gpus) -> str:

@@ -9,7 +9,12 @@ rule train:
         [directory(p) for p in P.train_pattern("train")],
     params:
         p=lambda w: P.train_params(w.method),
-        inputs=lambda w, input: P.input_args(input),
+        # The part inputs' flags, in four groups so that the shell command below stays the
+        # one earlier versions ran (Snakemake reruns a job whose rule's command changed).
+        selection=lambda w, input: P.input_args(input, ["selection"]),
+        attention=lambda w, input: P.input_args(input, ["attention"]),
+        subnet=lambda w, input: P.input_args(input, ["subnet"]),
+        weighting=lambda w, input: P.input_args(input, ["tagged", "corpus", "weighting_model"]),
         # Resumable state lives outside the output, which Snakemake deletes after a failure.
         state=lambda w: [p.format(**dict(w.items())) for p in P.train_pattern(".train_state")],
         seeds=lambda w: " ".join(map(str, P.job_seeds(w))),
@@ -26,6 +31,7 @@ rule train:
     conda:
         "../../envs/train.yaml"
     shell:
-        "{params.launcher} train --params {params.p:q} --init {input.init} --tokens {input.tokens} {params.inputs}"
+        "{params.launcher} train --params {params.p:q} --init {input.init} --tokens {input.tokens}"
+        " {params.selection} {params.attention} {params.subnet} {params.weighting}"
         " --period {wildcards.period} --seed {params.seeds}"
         " --state {params.state} --gpus {resources.gpu} --out {output} > {log} 2>&1"
