@@ -137,9 +137,10 @@ def stage_argv(stage: str, params: dict) -> list[str]:
     """`gradloc STAGE --params PARAMS` with every required argument pointing nowhere: the
     params are checked before any input is read."""
     argv = [stage, "--params", json.dumps(params)]
-    for name, _ in cli.STAGES[stage][1]:
+    for text, _ in cli.STAGES[stage][1]:
+        name, kw = cli.spec(text)
         flag = f"--{name.replace('_', '-')}"
-        argv += [flag, "1"] if name in cli.INT_ARGS else [flag, f"/nonexistent/{name}"]
+        argv += [flag, "1"] if kw.get("type") is int else [flag, f"/nonexistent/{name}"]
     return argv
 
 
