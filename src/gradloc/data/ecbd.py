@@ -134,9 +134,9 @@ def _name(rec: dict, title: str) -> str:
     return title if is_missing(span) else str(span).strip()
 
 
-def load(p: dict, work: Path) -> Corpus:
-    p = with_defaults(p)
-    paths = fetch(p, work)
+def read_entities(paths) -> tuple[dict[str, dict], int, bool]:
+    """({entity id: title, name, year, definition, aliases, records}, records read, whether
+    the `popular` subset was among them)."""
     entities: dict[str, dict] = {}
     n_records, popular = 0, False
     for path in paths:
@@ -163,10 +163,12 @@ def load(p: dict, work: Path) -> Corpus:
                 e["definition"], spans = _definition(rec["definition"])
                 e["aliases"].update(spans)
             e["records"].append(rec)
-    if not n_records:
-        raise InputError(f"{', '.join(map(str, paths))}: no records")
-    path = paths[0] if len(paths) == 1 else f"{len(paths)} ECBD files"
+    return entities, n_records, popular
 
+
+def base_year_of(p: dict, entities: dict, popular: bool) -> int:
+    """The base snapshot's year (`base_year`, else the first year, or the year before it when
+    there is one year only or the popular subset); popular entities are set to it."""
     dated = sorted({e["year"] for e in entities.values() if e["year"] != POPULAR})
     if p["base_year"] is not None:
         base_year = int(p["base_year"])
@@ -177,6 +179,17 @@ def load(p: dict, work: Path) -> Corpus:
     for e in entities.values():
         if e["year"] == POPULAR:
             e["year"] = base_year
+    return base_year
+
+
+def load(p: dict, work: Path) -> Corpus:
+    p = with_defaults(p)
+    paths = fetch(p, work)
+    entities, n_records, popular = read_entities(paths)
+    if not n_records:
+        raise InputError(f"{', '.join(map(str, paths))}: no records")
+    path = paths[0] if len(paths) == 1 else f"{len(paths)} ECBD files"
+    base_year = base_year_of(p, entities, popular)
     years = sorted({e["year"] for e in entities.values()})
     records = range(n_records)
     later = [y for y in years if y > base_year]
