@@ -335,11 +335,10 @@ def _missing_error(root: Path, period: str, what: str, files: list[Member]) -> I
     return InputError(f"{root}: no {what} file for period {period}; data files found: [{listing}]{more}")
 
 
-def load(p: dict, work: Path) -> Corpus:
-    p = with_defaults(p)
-    periods, cap, seed = p["periods"], p["max_docs_per_period"], p["seed"]
-    root = fetch(p)
-    layout = resolve(root, periods)
+def check_layout(p: dict, root, layout) -> tuple[str, bool]:
+    """(the base snapshot's month, whether it is read); a missing diffset, probe file or
+    needed base snapshot is named with its fix."""
+    periods = p["periods"]
     for period in periods:
         if not layout.diffs[period]:
             raise _missing_error(root, period, "diffset (wikipedia_MMMM_gpt2.csv, column 'text')", layout.files)
@@ -358,6 +357,15 @@ def load(p: dict, work: Path) -> Corpus:
         raise InputError("data.temporalwiki.new_vs_updated is 'split' but there is no base snapshot to tell new "
                          "from updated entities. Fix: set download_base: true (and provide Wikipedia_Full), "
                          "or new_vs_updated: auto / changed to keep TemporalWiki's single 'changed' set")
+    return start, use_base
+
+
+def load(p: dict, work: Path) -> Corpus:
+    p = with_defaults(p)
+    periods, cap, seed = p["periods"], p["max_docs_per_period"], p["seed"]
+    root = fetch(p)
+    layout = resolve(root, periods)
+    start, use_base = check_layout(p, root, layout)
 
     docs, counts, base_titles = [], {}, set()
     if use_base:
