@@ -218,17 +218,23 @@ def environment(config: dict, src: str) -> dict[str, str]:
     PYTHONPATH, whether or not it is pip-installed; the tracker settings (gradloc.tracking:
     switching trackers reruns nothing); and, when the config fetches from the hub (the
     prefetch rule), the cache and the offline mode."""
-    from .hub import needs_prefetch
     from .tracking import settings
 
     tracking = settings(config.get("tracking") or {})
     tracking["dir"] = tracking["dir"] or f"{config['results']}/tracking"
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH", "")])),
            "GRADLOC_TRACKING": json.dumps(tracking)}
-    if needs_prefetch(config["data"], prefetch_models(config)):
+    if fetches(config):
         env.update(HF_HUB_CACHE=os.getenv("GRADLOC_CACHE") or os.path.abspath(f"{config['results']}/hf_cache"),
                    HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return env
+
+
+def fetches(config: dict) -> bool:
+    """Whether the config fetches from the hub (then the prefetch rule runs first)."""
+    from .hub import needs_prefetch
+
+    return needs_prefetch(config["data"], prefetch_models(config))
 
 
 def prefetch_models(config: dict) -> list[dict]:

@@ -28,7 +28,7 @@ LM_EVAL = config.get("lm_eval")
 ENV = gw.environment(config, os.path.join(workflow.basedir, "src"))
 os.environ.update(ENV)
 TRACKING = json.loads(ENV["GRADLOC_TRACKING"])
-PREFETCH_MODELS = gw.prefetch_models(config)
+PREFETCH_MODELS, PREFETCH = gw.prefetch_models(config), gw.fetches(config)
 
 
 def cfg(*keys):
@@ -36,7 +36,7 @@ def cfg(*keys):
 
 
 def prefetch_input(wildcards):
-    return [f"{R}/prefetch.json"] if "HF_HUB_OFFLINE" in ENV else []
+    return [f"{R}/prefetch.json"] if PREFETCH else []
 
 
 wildcard_constraints:
