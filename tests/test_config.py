@@ -1,4 +1,4 @@
-"""Config validation: the three shipped configs pass, typos and bad values fail naming the key."""
+"""Config validation: the shipped configs pass, typos and bad values fail naming the key."""
 
 import copy
 import json
@@ -12,7 +12,7 @@ from gradloc import cli, schema
 from helpers import ROOT, job_counts, snakemake
 
 SCHEMA = yaml.safe_load((ROOT / "src/gradloc/config.schema.yaml").read_text())
-CONFIGS = ["config", "test", "paper"]
+CONFIGS = ["config", "extended", "test", "paper"]
 
 
 def load(name):
@@ -84,10 +84,10 @@ def test_dry_run_builds_the_dag(name, tmp_path):
 
 @pytest.mark.parametrize("group", [True, False])
 def test_group_seeds_plans_one_train_job_per_method_and_period(group, tmp_path):
-    """The default's 3 seeds: grouped, one train job per (method, period) runs `--seed 0 1 2`
+    """The extended config's 3 seeds: grouped, one train job per (method, period) runs `--seed 0 1 2`
     with an init, a state and an out per seed; otherwise one job per seed. Evaluation is one
     job per (method, period) either way."""
-    cfg = load("config")
+    cfg = load("extended")
     cfg["train"]["group_seeds"] = group
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
