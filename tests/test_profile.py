@@ -105,22 +105,41 @@ def write_inputs(tmp_path):
         kt = ["new", "updated", "unchanged", "none"][i % 4]
         split = "base" if i < 12 else "train"
         text = " ".join(f"w{j}" for j in rng.integers(0, V - 2, size=rng.integers(3, 15)))
-        rows.append({"seq_id": f"s{i}", "period": 0 if split == "base" else 1, "split": split, "doc_id": "d",
-                     "origin": "base", "text": text, "knowledge_type": kt if split == "train" else "none"})
+        rows.append({"seq_id": f"s{i}", "period": 0 if split == "base" else 1, "split": split,
+                     "doc_id": f"E{i % 5}_0", "origin": "base", "text": text,
+                     "knowledge_type": kt if split == "train" else "none"})
     model = build("gpt2")
     save_model(model, tokenizer(), tmp_path / "base" / "model")
     tokens_world(tmp_path, tmp_path / "base", rows)
+    write_corpus(tmp_path, [f"E{j}_0" for j in range(5)], {"E0": "new", "E1": "new"})
     return model
+
+
+def write_corpus(tmp_path, doc_ids, status, triples=()):
+    """corpus/ (documents titled by their entity's name, entities, triples) and
+    tagged/entity_status.parquet (period 1: `status`, else unchanged)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(exist_ok=True)
+    ents = sorted({d.split("_")[0] for d in doc_ids})
+    pd.DataFrame({"doc_id": doc_ids, "snapshot": 1, "title": [f"name{d.split('_')[0]}" for d in doc_ids],
+                  "text": "", "kind": "full"}).to_parquet(corpus / "documents.parquet")
+    pd.DataFrame({"entity_id": ents, "name": [f"name{e}" for e in ents]}).to_parquet(corpus / "entities.parquet")
+    pd.DataFrame(list(triples) or [(0, "E9", "nameE9", "r", "w1")],
+                 columns=["snapshot", "subject_id", "subject", "relation", "object"]).to_parquet(
+        corpus / "triples.parquet")
+    pd.DataFrame([(k, e, status.get(e, "unchanged") if k == 1 else "unchanged") for k in (0, 1) for e in ents],
+                 columns=["period", "entity_id", "status"]).to_parquet(tmp_path / "tagged" / "entity_status.parquet")
+    return corpus
 
 
 def test_run_outputs(tmp_path):
     write_inputs(tmp_path)
     params = {"n_sequences": 5, "batch_size": 4, "seq_len": 8, "bootstrap": 50, "control": "base", "loss": "sequence"}
     profile.run(params, model=tmp_path / "base", tokens=tmp_path / "tokens", probes=tmp_path / "none",
-                out=tmp_path / "profile")
+                out=tmp_path / "profile", tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
     norms = pd.read_parquet(tmp_path / "profile" / "norms.parquet")
     rel = pd.read_csv(tmp_path / "profile" / "relative.csv")
-    assert list(norms.columns) == ["seq_id", "knowledge_type", "granularity", "unit", "layer", "norm"]
+    assert list(norms.columns) == ["seq_id", "knowledge_type", "entity", "granularity", "unit", "layer", "norm"]
     block = norms[norms["granularity"] == "block"]
     assert block["unit"].unique().tolist() == ["embed", "block.0", "block.1", "final_norm"]
     assert (block.groupby("knowledge_type")["seq_id"].nunique() <= 5).all()
@@ -138,7 +157,7 @@ def test_run_outputs(tmp_path):
     assert (tmp_path / "profile" / "heatmap.png").stat().st_size > 1000
     # same params, same numbers
     profile.run(params, model=tmp_path / "base", tokens=tmp_path / "tokens", probes=tmp_path / "none",
-                out=tmp_path / "profile2")
+                out=tmp_path / "profile2", tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
     pd.testing.assert_frame_equal(rel, pd.read_csv(tmp_path / "profile2" / "relative.csv"))
 
 
@@ -149,7 +168,8 @@ def test_probe_source(tmp_path):
                   "relation": "r", "object": "w3", "prefix": "w1 w2",
                   "statement": [f"w1 w2 w{i + 3}" for i in range(6)]})
     profile.run({"source": "probes", "n_sequences": 4, "bootstrap": 0, "control": "base", "loss": "sequence"}, model=tmp_path / "base",
-                tokens=tmp_path / "tokens", probes=tmp_path / "probes", out=tmp_path / "profile")
+                tokens=tmp_path / "tokens", probes=tmp_path / "probes", out=tmp_path / "profile",
+                tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
     norms = pd.read_parquet(tmp_path / "profile" / "norms.parquet")
     assert norms.groupby("knowledge_type")["seq_id"].nunique().to_dict() == {
         "new": 2, "updated": 2, "unchanged": 2, "control": 4}
@@ -179,7 +199,7 @@ def test_salient_loss_and_controls(tmp_path):
     assert profile.resolve_control(p, tmp_path / "base") == "base"
     # unchanged diff text, disjoint from the unchanged sample
     seqs = profile.diagnostic_sequences({**p, "control": "unchanged_diff"}, tmp_path / "tokens", None, tok,
-                                        model_dir=tmp_path / "base", tagged=tmp_path / "tagged")
+                                        model_dir=tmp_path / "base", tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
     ctrl = set(seqs.loc[seqs["knowledge_type"] == "control", "seq_id"])
     assert ctrl and not ctrl & set(seqs.loc[seqs["knowledge_type"] == "unchanged", "seq_id"])
     assert all(int(s[1:]) >= 12 for s in ctrl)  # diff (train) sequences, not base
@@ -200,23 +220,23 @@ def test_salient_loss_and_controls(tmp_path):
     assert abs(got - naive.item()) < 1e-4 * max(1.0, naive.item())
     # base control: the old behaviour
     seqs_b = profile.diagnostic_sequences({**p, "control": "base"}, tmp_path / "tokens", None, tok,
-                                          model_dir=tmp_path / "base", tagged=tmp_path / "tagged")
+                                          model_dir=tmp_path / "base", tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
     assert all(int(s[1:]) < 12 for s in seqs_b.loc[seqs_b["knowledge_type"] == "control", "seq_id"])
     # heldout_base: only T0 sequences the base model listed as held out; refused without them
     with pytest.raises(Exception, match="held out no T0 text"):
         profile.diagnostic_sequences({**p, "control": "heldout_base"}, tmp_path / "tokens", None, tok,
-                                     model_dir=tmp_path / "base", tagged=tmp_path / "tagged")
+                                     model_dir=tmp_path / "base", tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
     (tmp_path / "base" / "heldout_base.txt").write_text("s1\ns2\n")
     (tmp_path / "base" / "metrics.json").write_text('{"source": "scratch", "heldout_base": 2}')
     assert profile.resolve_control(p, tmp_path / "base") == "heldout_base"
     seqs_h = profile.diagnostic_sequences(p, tmp_path / "tokens", None, tok, model_dir=tmp_path / "base",
-                                          tagged=tmp_path / "tagged")
+                                          tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
     assert set(seqs_h.loc[seqs_h["knowledge_type"] == "control", "seq_id"]) == {"s1", "s2"}
     (tmp_path / "base" / "metrics.json").write_text('{"source": "pretrained", "teach_t0": false}')
     assert profile.resolve_control(p, tmp_path / "base") == "base"
     # the stage end to end with the defaults
     profile.run(base, model=tmp_path / "base", tokens=tmp_path / "tokens", probes=tmp_path / "none",
-                out=tmp_path / "profile", tagged=tmp_path / "tagged")
+                out=tmp_path / "profile", tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
     rel = pd.read_csv(tmp_path / "profile" / "relative.csv")
     cand = rel[rel["unit"].str.match(r"^block\.\d+$")]
     assert cand[["d", "d_lo", "d_hi"]].notna().all().all() and rel.loc[rel["unit"] == "embed", "d"].isna().all()
