@@ -459,6 +459,7 @@ def permutation_lines(profile) -> list[str]:
     t = read_json(path).get("new_vs_updated", {})
     if not t.get("available"):
         return [f"Gradient profile, new vs updated: no permutation test ({t.get('reason') or 'not available'}).", ""]
-    return [f"Gradient profile, new vs updated ({t['test']}, {t['permutations']} permutations of "
-            f"{t.get('exchange_unit', 'sequence')}s): {t['statistic']} = {t['observed']:.3g}, "
+    moved = {"entity": "entities"}.get(t.get("exchange_unit"), "sequences")
+    return [f"Gradient profile, new vs updated ({t['test']}, {t['permutations']} permutations exchanging "
+            f"{moved}): {t['statistic']} = {t['observed']:.3g}, "
             f"p = {t['p_value']:.3g}; shape p = {t.get('shape_p_value', float('nan')):.3g}.", ""]
