@@ -82,6 +82,8 @@ def test_only_allow_listed_stages_that_feed_training_read_the_probes(configfile,
     for j in jobs:
         if j["rule"] in ("attention", "train") and (j["rule"] == "attention" or "tagged" in str(j["input"])):
             assert str(results / "corpus") in j["input"], j
+        if j["rule"] == "profile":  # salient: object takes the updated objects from the corpus' triples
+            assert str(results / "corpus") in j["input"], j
     cfg = yaml.safe_load((ROOT / configfile).read_text())
     assert schema.fill("profile", cfg.get("profile"))["source"] == "diff", ALLOWED["profile"]
     if configfile != "config/test.yaml":  # they have salient_spans and the token-dropout methods
@@ -169,9 +171,14 @@ def test_changed_probe_objects_change_no_training_input(world, tmp_path):
     cfg = schema.fill("camels", {})
     ea, eb = (metatrain.episodes_data(toks, tokenizer, results / "tagged", p, cfg) for p in (results / "probes", changed))
     assert ea == eb
+    # (salient: object, the default: the updated objects from the corpus' triples)
     p = schema.fill("profile", {"source": "diff", "n_sequences": 8, "seed": 0})
+    assert p["salient"] == "object"
     sa = profile.diagnostic_sequences(p, results / "tokens", tmp_path / "no such folder", tokenizer,
-                                      model_dir=results / "base_model", tagged=results / "tagged")
+                                      model_dir=results / "base_model", tagged=results / "tagged",
+                                      corpus=results / "corpus")
     sb = profile.diagnostic_sequences(p, results / "tokens", changed, tokenizer, model_dir=results / "base_model",
-                                      tagged=results / "tagged")
+                                      tagged=results / "tagged", corpus=results / "corpus")
     assert sa.equals(sb)
+    upd = sa[sa["knowledge_type"] == "updated"]
+    assert len(upd) and all(sum(m) > 0 for m in upd["mask"])  # the object path ran and marked tokens

@@ -105,22 +105,41 @@ def write_inputs(tmp_path):
         kt = ["new", "updated", "unchanged", "none"][i % 4]
         split = "base" if i < 12 else "train"
         text = " ".join(f"w{j}" for j in rng.integers(0, V - 2, size=rng.integers(3, 15)))
-        rows.append({"seq_id": f"s{i}", "period": 0 if split == "base" else 1, "split": split, "doc_id": "d",
-                     "origin": "base", "text": text, "knowledge_type": kt if split == "train" else "none"})
+        rows.append({"seq_id": f"s{i}", "period": 0 if split == "base" else 1, "split": split,
+                     "doc_id": f"E{i % 5}_0", "origin": "base", "text": text,
+                     "knowledge_type": kt if split == "train" else "none"})
     model = build("gpt2")
     save_model(model, tokenizer(), tmp_path / "base" / "model")
     tokens_world(tmp_path, tmp_path / "base", rows)
+    write_corpus(tmp_path, [f"E{j}_0" for j in range(5)], {"E0": "new", "E1": "new"})
     return model
+
+
+def write_corpus(tmp_path, doc_ids, status, triples=()):
+    """corpus/ (documents titled by their entity's name, entities, triples) and
+    tagged/entity_status.parquet (period 1: `status`, else unchanged)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(exist_ok=True)
+    ents = sorted({d.split("_")[0] for d in doc_ids})
+    pd.DataFrame({"doc_id": doc_ids, "snapshot": 1, "title": [f"name{d.split('_')[0]}" for d in doc_ids],
+                  "text": "", "kind": "full"}).to_parquet(corpus / "documents.parquet")
+    pd.DataFrame({"entity_id": ents, "name": [f"name{e}" for e in ents]}).to_parquet(corpus / "entities.parquet")
+    pd.DataFrame(list(triples) or [(0, "E9", "nameE9", "r", "w1")],
+                 columns=["snapshot", "subject_id", "subject", "relation", "object"]).to_parquet(
+        corpus / "triples.parquet")
+    pd.DataFrame([(k, e, status.get(e, "unchanged") if k == 1 else "unchanged") for k in (0, 1) for e in ents],
+                 columns=["period", "entity_id", "status"]).to_parquet(tmp_path / "tagged" / "entity_status.parquet")
+    return corpus
 
 
 def test_run_outputs(tmp_path):
     write_inputs(tmp_path)
     params = {"n_sequences": 5, "batch_size": 4, "seq_len": 8, "bootstrap": 50, "control": "base", "loss": "sequence"}
     profile.run(params, model=tmp_path / "base", tokens=tmp_path / "tokens", probes=tmp_path / "none",
-                out=tmp_path / "profile")
+                out=tmp_path / "profile", tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
     norms = pd.read_parquet(tmp_path / "profile" / "norms.parquet")
     rel = pd.read_csv(tmp_path / "profile" / "relative.csv")
-    assert list(norms.columns) == ["seq_id", "knowledge_type", "granularity", "unit", "layer", "norm"]
+    assert list(norms.columns) == ["seq_id", "knowledge_type", "entity", "granularity", "unit", "layer", "norm"]
     block = norms[norms["granularity"] == "block"]
     assert block["unit"].unique().tolist() == ["embed", "block.0", "block.1", "final_norm"]
     assert (block.groupby("knowledge_type")["seq_id"].nunique() <= 5).all()
@@ -138,7 +157,7 @@ def test_run_outputs(tmp_path):
     assert (tmp_path / "profile" / "heatmap.png").stat().st_size > 1000
     # same params, same numbers
     profile.run(params, model=tmp_path / "base", tokens=tmp_path / "tokens", probes=tmp_path / "none",
-                out=tmp_path / "profile2")
+                out=tmp_path / "profile2", tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
     pd.testing.assert_frame_equal(rel, pd.read_csv(tmp_path / "profile2" / "relative.csv"))
 
 
@@ -149,7 +168,8 @@ def test_probe_source(tmp_path):
                   "relation": "r", "object": "w3", "prefix": "w1 w2",
                   "statement": [f"w1 w2 w{i + 3}" for i in range(6)]})
     profile.run({"source": "probes", "n_sequences": 4, "bootstrap": 0, "control": "base", "loss": "sequence"}, model=tmp_path / "base",
-                tokens=tmp_path / "tokens", probes=tmp_path / "probes", out=tmp_path / "profile")
+                tokens=tmp_path / "tokens", probes=tmp_path / "probes", out=tmp_path / "profile",
+                tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
     norms = pd.read_parquet(tmp_path / "profile" / "norms.parquet")
     assert norms.groupby("knowledge_type")["seq_id"].nunique().to_dict() == {
         "new": 2, "updated": 2, "unchanged": 2, "control": 4}
@@ -179,7 +199,7 @@ def test_salient_loss_and_controls(tmp_path):
     assert profile.resolve_control(p, tmp_path / "base") == "base"
     # unchanged diff text, disjoint from the unchanged sample
     seqs = profile.diagnostic_sequences({**p, "control": "unchanged_diff"}, tmp_path / "tokens", None, tok,
-                                        model_dir=tmp_path / "base", tagged=tmp_path / "tagged")
+                                        model_dir=tmp_path / "base", tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
     ctrl = set(seqs.loc[seqs["knowledge_type"] == "control", "seq_id"])
     assert ctrl and not ctrl & set(seqs.loc[seqs["knowledge_type"] == "unchanged", "seq_id"])
     assert all(int(s[1:]) >= 12 for s in ctrl)  # diff (train) sequences, not base
@@ -200,25 +220,191 @@ def test_salient_loss_and_controls(tmp_path):
     assert abs(got - naive.item()) < 1e-4 * max(1.0, naive.item())
     # base control: the old behaviour
     seqs_b = profile.diagnostic_sequences({**p, "control": "base"}, tmp_path / "tokens", None, tok,
-                                          model_dir=tmp_path / "base", tagged=tmp_path / "tagged")
+                                          model_dir=tmp_path / "base", tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
     assert all(int(s[1:]) < 12 for s in seqs_b.loc[seqs_b["knowledge_type"] == "control", "seq_id"])
     # heldout_base: only T0 sequences the base model listed as held out; refused without them
     with pytest.raises(Exception, match="held out no T0 text"):
         profile.diagnostic_sequences({**p, "control": "heldout_base"}, tmp_path / "tokens", None, tok,
-                                     model_dir=tmp_path / "base", tagged=tmp_path / "tagged")
+                                     model_dir=tmp_path / "base", tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
     (tmp_path / "base" / "heldout_base.txt").write_text("s1\ns2\n")
     (tmp_path / "base" / "metrics.json").write_text('{"source": "scratch", "heldout_base": 2}')
     assert profile.resolve_control(p, tmp_path / "base") == "heldout_base"
     seqs_h = profile.diagnostic_sequences(p, tmp_path / "tokens", None, tok, model_dir=tmp_path / "base",
-                                          tagged=tmp_path / "tagged")
+                                          tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
     assert set(seqs_h.loc[seqs_h["knowledge_type"] == "control", "seq_id"]) == {"s1", "s2"}
     (tmp_path / "base" / "metrics.json").write_text('{"source": "pretrained", "teach_t0": false}')
     assert profile.resolve_control(p, tmp_path / "base") == "base"
     # the stage end to end with the defaults
     profile.run(base, model=tmp_path / "base", tokens=tmp_path / "tokens", probes=tmp_path / "none",
-                out=tmp_path / "profile", tagged=tmp_path / "tagged")
+                out=tmp_path / "profile", tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
     rel = pd.read_csv(tmp_path / "profile" / "relative.csv")
     cand = rel[rel["unit"].str.match(r"^block\.\d+$")]
     assert cand[["d", "d_lo", "d_hi"]].notna().all().all() and rel.loc[rel["unit"] == "embed", "d"].isna().all()
     assert (cand["d_lo"] <= cand["d"]).all() and (cand["d"] <= cand["d_hi"]).all()
     assert (tmp_path / "profile" / "significance.png").stat().st_size > 1000
+
+
+# --- issue #24: pools, salient object, cluster bootstrap, simultaneous band, permutation test
+
+
+def write_pools(tmp_path):
+    """A period-1 diff with designed sequences: u1 (E2, updated) states E2's new object w7;
+    u2 (E3, updated) states none of E3's objects; n1 is about the new E0; n2 is E2's update
+    naming the new E0 (tagged `new`); infoboxes (`*_facts`) in the diff and in T0."""
+    rows = [  # seq_id, split, doc_id, knowledge_type, text
+        ("b0", "base", "E4_0", "none", "w1 w2 w3 w4"), ("b1", "base", "E4_1", "none", "w2 w3 w4 w5"),
+        ("b2", "base", "E4_facts", "none", "w9 w2 w8"),
+        ("u1", "train", "E2_0", "updated", "w1 w2 w7 w3"), ("u2", "train", "E3_0", "updated", "w1 w4 w5 w6"),
+        ("n1", "train", "E0_0", "new", "w1 w2 w3 w4"), ("n2", "train", "E2_1", "new", "w1 w2 w3 w8"),
+        ("nb", "train", "E0_facts", "new", "w3 w2 w4"), ("c1", "train", "E4_2", "unchanged", "w1 w2 w5 w6"),
+    ]
+    rows = [{"seq_id": s, "period": 0 if sp == "base" else 1, "split": sp, "doc_id": d, "origin": "base",
+             "text": t, "knowledge_type": kt} for s, sp, d, kt, t in rows]
+    save_model(build("gpt2"), tokenizer(), tmp_path / "base" / "model")
+    tokens_world(tmp_path, tmp_path / "base", rows)
+    write_mentions(tmp_path)  # the second word of each sequence
+    triples = [(0, "E2", "nameE2", "r", "w5"), (1, "E2", "nameE2", "r", "w7"),
+               (0, "E3", "nameE3", "r", "w6"), (1, "E3", "nameE3", "r", "w9"), (1, "E0", "nameE0", "r", "w4")]
+    docs = sorted({r["doc_id"] for r in rows})
+    return write_corpus(tmp_path, docs, {"E0": "new", "E2": "updated", "E3": "updated"}, triples)
+
+
+def pools_of(tmp_path, **params):
+    p = profile.with_defaults({"n_sequences": 10, "control": "base", **params})
+    seqs = profile.diagnostic_sequences(p, tmp_path / "tokens", None, tokenizer(), model_dir=tmp_path / "base",
+                                        tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
+    return seqs, {kt: sorted(g["seq_id"]) for kt, g in seqs.groupby("knowledge_type")}
+
+
+def test_salient_object_span_from_triples(tmp_path):
+    write_pools(tmp_path)
+    seqs, pools = pools_of(tmp_path)
+    assert pools["updated"] == ["u1"]  # u2 states no updated object of E3: skipped
+    tok = tokenizer()
+    u1 = seqs.set_index("seq_id").loc["u1"]
+    marked = [tok.convert_ids_to_tokens(i) for i, m in zip(u1["ids"], u1["mask"]) if m]
+    assert marked == ["w7"]  # the new object, not the subject mention (w2) nor the old object
+    # subject: today's span (the updated mention, the second word) and no sequence skipped
+    seqs_s, pools_s = pools_of(tmp_path, salient="subject")
+    assert pools_s["updated"] == ["u1", "u2"]
+    u1 = seqs_s.set_index("seq_id").loc["u1"]
+    assert [tok.convert_ids_to_tokens(i) for i, m in zip(u1["ids"], u1["mask"]) if m] == ["w2"]
+    with pytest.raises(Exception, match="--corpus"):
+        profile.diagnostic_sequences(profile.with_defaults({"control": "base"}), tmp_path / "tokens", None, tok,
+                                     model_dir=tmp_path / "base", tagged=tmp_path / "tagged")
+
+
+def test_new_pool_subject_and_infoboxes(tmp_path):
+    write_pools(tmp_path)
+    seqs, pools = pools_of(tmp_path)
+    assert pools["new"] == ["n1"]  # n2 updates the known E2 (to the new E0): left out; nb is an infobox
+    assert "b2" not in pools["control"] and set(pools["control"]) == {"b0", "b1"}
+    assert dict(zip(seqs["seq_id"], seqs["entity"]))["n1"] == "E0"
+    _, any_pool = pools_of(tmp_path, new_pool="any")
+    assert any_pool["new"] == ["n1", "n2"]
+    _, kept = pools_of(tmp_path, new_pool="any", infoboxes="keep")
+    assert kept["new"] == ["n1", "n2", "nb"] and "b2" in kept["control"]
+
+
+def test_entity_bootstrap_moves_clusters_together():
+    rng = np.random.default_rng(0)
+    # two entities: every row of entity a is 1, of b is 3; a row bootstrap mixes them, a
+    # cluster bootstrap draws whole entities, so its means are sums of whole clusters
+    x = np.array([[1.0]] * 3 + [[3.0]] * 5)
+    labels = ["a"] * 3 + ["b"] * 5
+    means = profile.bootstrap_means(x, labels, 400, rng)[:, 0]
+    possible = {1.0, 3.0, (3 * 1 + 5 * 3) / 8}  # aa, bb, ab
+    assert all(min(abs(m - p) for p in possible) < 1e-12 for m in means)
+    assert len(set(np.round(profile.bootstrap_means(x, list("abcdefgh"), 400, rng)[:, 0], 9))) > 3
+    # through the stage's table: r's interval by entity is wider than by sequence when
+    # sequences of one entity are alike
+    rows = []
+    for kt, base in (("new", 2.0), ("control", 1.0)):
+        for e in range(6):
+            level = base * (1 + 0.5 * rng.standard_normal())
+            for s in range(8):
+                rows.append({"seq_id": f"{kt}{e}_{s}", "knowledge_type": kt, "entity": f"{kt}{e}",
+                             "granularity": "block", "unit": "block.0", "layer": 0,
+                             "norm": abs(level + 0.01 * rng.standard_normal())})
+    norms = pd.DataFrame(rows)
+    by_e = profile.relative_norms(norms, 500, 0, "entity").iloc[0]
+    by_s = profile.relative_norms(norms, 500, 0, "sequence").iloc[0]
+    assert by_e["rel"] == by_s["rel"] and by_e["hi"] - by_e["lo"] > 1.5 * (by_s["hi"] - by_s["lo"])
+
+
+def synthetic_norms(rng, n_units=6, n_ent=12, per=3, shift=0.0):
+    """Norms of new, updated and control sequences; updated's last unit `shift` higher."""
+    rows = []
+    for kt in ("new", "updated", "control"):
+        for e in range(n_ent):
+            eff = 0.2 * rng.standard_normal(n_units)
+            for s in range(per):
+                v = 1.0 + eff + 0.2 * rng.standard_normal(n_units)
+                if kt == "updated":
+                    v[-1] += shift
+                for u in range(n_units):
+                    rows.append({"seq_id": f"{kt}{e}_{s}", "knowledge_type": kt, "entity": f"{kt}{e}",
+                                 "granularity": "block", "unit": f"block.{u}", "layer": u, "norm": abs(v[u])})
+    return pd.DataFrame(rows)
+
+
+def test_simultaneous_band_contains_pointwise():
+    rng = np.random.default_rng(1)
+    rel = profile.relative_norms(synthetic_norms(rng), 1000, 0, "entity")
+    for c in ("d", "d_lo", "d_hi", "d_slo", "d_shi"):
+        assert rel[c].notna().all(), c
+    assert ((rel["d_shi"] - rel["d_slo"]) >= (rel["d_hi"] - rel["d_lo"])).all()
+    assert ((rel["d_slo"] <= rel["d"]) & (rel["d"] <= rel["d_shi"])).all()
+    # the pure band: one unit, the max-|t| quantile equals the |t| quantile: width ~ pointwise
+    boot = rng.standard_normal((4000, 1))
+    lo, hi = profile.simultaneous_band(boot, np.zeros(1))
+    assert abs(hi[0] - 1.96) < 0.1 and abs(lo[0] + 1.96) < 0.1
+    lo8, hi8 = profile.simultaneous_band(rng.standard_normal((4000, 8)), np.zeros(8))
+    assert (hi8 > 2.5).all() and (lo8 < -2.5).all()  # 8 independent units: wider than 1.96
+
+
+def test_permutation_test_null_and_planted():
+    rng = np.random.default_rng(2)
+    ps = []
+    for _ in range(40):  # same distribution: p about uniform
+        n = synthetic_norms(rng, n_ent=8, per=2)
+        t = profile.tests_of(n, profile.with_defaults({"permutations": 99, "seed": 0}))["new_vs_updated"]
+        ps.append(t["p_value"])
+    ps = np.array(ps)
+    assert 0.3 < ps.mean() < 0.7 and (ps < 0.05).mean() <= 0.15
+    planted = synthetic_norms(rng, shift=1.0)
+    t = profile.tests_of(planted, profile.with_defaults({"permutations": 199, "seed": 0}))["new_vs_updated"]
+    assert t["available"] and t["p_value"] <= 0.01 and t["observed"] > 0.5
+    assert t["p_value"] >= 1 / 200  # p = (1 + #) / (1 + permutations) is never 0
+    # the shape statistic sees it too (a single unit raised changes the normalised profile)
+    assert t["shape_p_value"] <= 0.05
+    # exchanging entities: 12 clusters a pool, not 36 sequences
+    assert t["n_clusters"] == {"new": 12, "updated": 12} and t["n_sequences"] == {"new": 36, "updated": 36}
+    again = profile.tests_of(planted, profile.with_defaults({"permutations": 199, "seed": 0}))
+    assert again["new_vs_updated"] == t  # seeded
+
+
+def test_tests_json_written(tmp_path):
+    write_pools(tmp_path)
+    params = {"n_sequences": 10, "batch_size": 4, "seq_len": 8, "bootstrap": 30, "permutations": 20,
+              "control": "base", "new_pool": "any", "bootstrap_unit": "sequence"}
+    profile.run(params, model=tmp_path / "base", tokens=tmp_path / "tokens", probes=tmp_path / "none",
+                out=tmp_path / "profile", tagged=tmp_path / "tagged", corpus=tmp_path / "corpus")
+    import json
+    tests = json.loads((tmp_path / "profile" / "tests.json").read_text())
+    t = tests["new_vs_updated"]
+    assert set(t) == {"available", "reason", "test", "granularity", "units", "statistic", "observed", "p_value",
+                      "shape_statistic", "shape_observed", "shape_p_value", "permutations", "seed",
+                      "exchange_unit", "n_sequences", "n_clusters"}
+    assert t["available"] and t["statistic"] == "max_u |r_new - r_updated|" and t["permutations"] == 20
+    assert t["units"] == ["block.0", "block.1"] and t["exchange_unit"] == "sequence"
+    assert t["n_sequences"] == {"new": 2, "updated": 1} and 1 / 21 <= t["p_value"] <= 1
+    assert tests["intervals"]["kind"] == "simultaneous max-|t| over units" and tests["intervals"]["n_units"] == 2
+    assert tests["intervals"]["level"] == 0.95 and tests["intervals"]["bootstrap"] == 30
+    norms = pd.read_parquet(tmp_path / "profile" / "norms.parquet")
+    assert dict(zip(norms["seq_id"], norms["entity"]))["u1"] == "E2"
+    rel = pd.read_csv(tmp_path / "profile" / "relative.csv")
+    assert {"lo", "hi", "d_lo", "d_hi", "d_slo", "d_shi"} <= set(rel.columns)
+    # an empty pool: no test, and why
+    empty = profile.tests_of(norms[norms["knowledge_type"] != "new"], profile.with_defaults({}))["new_vs_updated"]
+    assert empty["available"] is False and "new" in empty["reason"] and empty["p_value"] is None

@@ -359,3 +359,21 @@ def test_non_finite_inputs_are_refused_naming_the_file(inputs, where, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gradloc report: error:")]
     assert len(err) == 1 and path in err[0] and "non-finite" in err[0], err
     assert not os.path.exists(inputs["out"])
+
+
+def test_permutation_p_value_beside_the_profile(inputs):
+    """profile/tests.json's new-vs-updated p-value is one line of table.md (issue #24)."""
+    test = {"available": True, "reason": None, "test": "label permutation", "granularity": "block",
+            "units": ["block.0"], "statistic": "max_u |r_new - r_updated|", "observed": 0.25, "p_value": 0.0123,
+            "shape_statistic": "shape", "shape_observed": 0.1, "shape_p_value": 0.5, "permutations": 999,
+            "seed": 0, "exchange_unit": "entity", "n_sequences": {"new": 5, "updated": 5},
+            "n_clusters": {"new": 3, "updated": 3}}
+    path = os.path.join(inputs["profile"], "tests.json")
+    open(path, "w").write(json.dumps({"new_vs_updated": test}))
+    run_report(inputs)
+    md = open(f"{inputs['out']}/table.md").read()
+    line = next(x for x in md.splitlines() if "new vs updated" in x)
+    assert "p = 0.0123" in line and "999 permutations exchanging entities" in line and "max_u |r_new - r_updated| = 0.25" in line
+    open(path, "w").write(json.dumps({"new_vs_updated": {**test, "available": False, "reason": "no new sequences profiled"}}))
+    run_report(inputs)
+    assert "no permutation test (no new sequences profiled)" in open(f"{inputs['out']}/table.md").read()

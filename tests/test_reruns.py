@@ -205,10 +205,17 @@ def test_grouping_seeds_or_not_reruns_nothing(completed):
     assert dry_run_with(completed, {"train": {"group_seeds": False}}) == set()
 
 
-@pytest.mark.parametrize("change", [{"control": "base", "loss": "sequence"}, {"control": "unchanged_diff"}])
+@pytest.mark.parametrize("change", [{"control": "base", "loss": "sequence"}, {"control": "unchanged_diff"},
+                                    {"salient": "subject"}, {"new_pool": "any"}, {"infoboxes": "keep"},
+                                    {"bootstrap_unit": "sequence"}, {"permutations": 0},
+                                    {"salient": "subject", "new_pool": "any", "infoboxes": "keep",
+                                     "bootstrap_unit": "sequence"}])
 def test_profile_control_and_loss_rerun_profile_selection_and_its_methods(completed, change):
-    """The pre-issue-11 profile (`control: base`, whole-sequence loss) stays reachable; like
-    any profile setting it reruns the profile, the selection and the methods that use it."""
+    """The pre-issue-11 profile (`control: base`, whole-sequence loss) and the pre-issue-24
+    pools and bootstrap (`salient: subject`, `new_pool: any`, `infoboxes: keep`,
+    `bootstrap_unit: sequence`) stay reachable; like any profile setting (the permutation
+    test's count too: tests.json is in the profile folder) it reruns the profile, the
+    selection and the methods that use it."""
     _, _, cfg = completed
     selective = [m for m in cfg["train"]["methods"] if uses_selection(cfg, m)]
     jobs = dry_run_with(completed, {"profile": change})

@@ -134,3 +134,24 @@ def test_significance_recorded_and_logged(profile_dir, tmp_path, caplog):
     rel.to_csv(profile_dir / "relative.csv", index=False)
     sel = run(profile_dir, tmp_path)
     assert "NO layer is significantly above the mean" in select.significance_line(sel)
+
+
+def test_significance_uses_the_simultaneous_band(profile_dir, tmp_path):
+    """With d_slo/d_shi (issue #24) a layer is significant only when the band over all
+    layers clears 0: block.3's per-unit interval does, its simultaneous band does not."""
+    import pandas as pd
+
+    rel = pd.read_csv(profile_dir / "relative.csv")
+    rel["d"], rel["d_lo"], rel["d_hi"], rel["d_slo"], rel["d_shi"] = 0.0, -1.0, 1.0, -1.5, 1.5
+    at = (rel["knowledge_type"] == "new") & (rel["unit"] == "block.3")
+    rel.loc[at, ["d", "d_lo", "d_hi", "d_slo", "d_shi"]] = [1.2, 0.4, 2.0, -0.1, 2.5]
+    rel.to_csv(profile_dir / "relative.csv", index=False)
+    sig = run(profile_dir, tmp_path)["significance"]
+    assert sig["band"] == "simultaneous" and "simultaneous" in sig["test"]
+    assert sig["available"] and not sig["any_significant"]
+    assert sig["per_type"]["new"]["block.3"] == {"d": 1.2, "lo": -0.1, "hi": 2.5}
+    # an older profile without the band: the per-unit interval, as before
+    rel.drop(columns=["d_slo", "d_shi"]).to_csv(profile_dir / "relative.csv", index=False)
+    sel = run(profile_dir, tmp_path)
+    assert sel["significance"]["band"] == "pointwise" and sel["significance"]["above_mean"]["new"] == ["block.3"]
+    assert "95% paired bootstrap" in select.significance_line(sel)

@@ -42,7 +42,10 @@ STAGES = {
                                   ("out", "output folder")]),
     "profile": ("gradloc.profile", [("model", "base model folder"), ("tokens", "tokens folder"),
                                     ("probes", "probes folder"), ("out", "output folder"),
-                                    ("tagged?", "tagged folder (mentions, for the salient-span loss)")]),
+                                    ("tagged?", "tagged folder (mentions, for the salient-span loss; the "
+                                                "sequences' documents)"),
+                                    ("corpus?", "corpus folder (titles: the sequences' entities; triples: the "
+                                                "updated objects, with salient: object)")]),
     "attention": ("gradloc.attention", [("large", "the larger model (the base model)"),
                                         ("small", "the smaller model, same tokenizer"), ("tokens", "tokens folder"),
                                         ("tagged", "tagged folder (entity mentions, for the marks)"),

@@ -136,27 +136,36 @@ def reasons_of(order, types, why, units, fallback, multipliers, significance, co
     return reasons
 
 
+BANDS = {"simultaneous": ("d_slo", "d_shi", "simultaneous 95% bootstrap band (max-|t| over block units)"),
+         "pointwise": ("d_lo", "d_hi", "paired bootstrap 95% interval per unit")}
+
+
 def significance_of(rel: pd.DataFrame, candidates: list[str], types: list[str], selected: list[str]) -> dict:
-    """Per knowledge type and candidate unit: d = r_l - mean(r) and its paired bootstrap
-    95% interval (from the profile); a unit is significantly above the mean when the
-    interval's lower end is above 0. `available` is false for a profile without the
-    interval (bootstrap 0, or written before the columns existed)."""
-    has = {"d", "d_lo", "d_hi"} <= set(rel.columns)
-    out = {"available": False, "test": "paired bootstrap 95% interval of r_l - mean(r) over block units, "
-                                        "lower end > 0", "per_type": {}, "above_mean": {},
+    """Per knowledge type and candidate unit: d = r_l - mean(r) and its 95% bootstrap band
+    (from the profile): the simultaneous band over the units (d_slo, d_shi: max-|t|, so
+    that "some layer above the mean" holds at 95% for all layers together) where the
+    profile has it, else the older per-unit interval (d_lo, d_hi); a unit is significantly
+    above the mean when the band's lower end is above 0. `band` says which. `available`
+    is false for a profile without either (bootstrap 0, or written before the columns)."""
+    band = next((b for b, (lo, hi, _) in BANDS.items() if {lo, hi} <= set(rel.columns)
+                 and pd.to_numeric(rel[lo], errors="coerce").notna().any()), "pointwise")
+    lo_col, hi_col, words = BANDS[band]
+    has = {"d", lo_col, hi_col} <= set(rel.columns)
+    out = {"available": False, "band": band, "test": f"{words} of r_l - mean(r) over block units, lower end > 0",
+           "per_type": {}, "above_mean": {},
            "selected_significant": [], "selected_not_significant": list(selected), "any_significant": False}
     if not has:
         return out
-    rel = rel.assign(**{c: pd.to_numeric(rel[c], errors="coerce") for c in ("d", "d_lo", "d_hi")})
+    rel = rel.assign(**{c: pd.to_numeric(rel[c], errors="coerce") for c in ("d", lo_col, hi_col)})
     ok = False
     for t in types:
         sub = rel[(rel["knowledge_type"] == t) & rel["unit"].isin(candidates)].set_index("unit")
-        if sub.empty or sub["d_lo"].isna().all():
+        if sub.empty or sub[lo_col].isna().all():
             continue
         ok = True
-        out["per_type"][t] = {u: {"d": float(sub.at[u, "d"]), "lo": float(sub.at[u, "d_lo"]),
-                                  "hi": float(sub.at[u, "d_hi"])} for u in candidates if u in sub.index}
-        out["above_mean"][t] = [u for u in candidates if u in sub.index and sub.at[u, "d_lo"] > 0]
+        out["per_type"][t] = {u: {"d": float(sub.at[u, "d"]), "lo": float(sub.at[u, lo_col]),
+                                  "hi": float(sub.at[u, hi_col])} for u in candidates if u in sub.index}
+        out["above_mean"][t] = [u for u in candidates if u in sub.index and sub.at[u, lo_col] > 0]
     if not ok:
         return out
     sig = {u for us in out["above_mean"].values() for u in us}
@@ -171,11 +180,13 @@ def significance_line(selection: dict) -> str:
     sig = selection.get("significance") or {}
     if not sig.get("available"):
         return "significance: not computed (profile without bootstrap intervals of r_l - mean(r))"
+    how = ("95% simultaneous bootstrap band over layers" if sig.get("band") == "simultaneous"
+           else "95% paired bootstrap")
     if not sig["any_significant"]:
-        return ("significance: NO layer is significantly above the mean (95% paired bootstrap); "
+        return (f"significance: NO layer is significantly above the mean ({how}); "
                 "the selection is within noise")
     parts = [f"{t}: {', '.join(us) or 'none'}" for t, us in sig["above_mean"].items()]
-    return (f"significance: layers significantly above the mean (95% paired bootstrap): {'; '.join(parts)}; "
+    return (f"significance: layers significantly above the mean ({how}): {'; '.join(parts)}; "
             f"selected and significant: {', '.join(sig['selected_significant']) or 'none'}; "
             f"selected but not significant: {', '.join(sig['selected_not_significant']) or 'none'}")
 

@@ -4,6 +4,9 @@ rule profile:
         tokens=rules.tokens.output[0],
         probes=rules.probes.output[0],
         tagged=rules.tag.output[0],
+        # the sequences' entities (titles) and, with salient: object, the updated objects
+        # (triples); never the evaluation probes' answers
+        corpus=rules.download.output[0],
     output:
         directory(f"{R}/profile"),
     params:
@@ -19,7 +22,7 @@ rule profile:
         "../../envs/train.yaml"
     shell:
         "python -m gradloc profile --params {params.p:q} --model {input.model} --tokens {input.tokens}"
-        " --probes {input.probes} --tagged {input.tagged} --out {output} > {log} 2>&1"
+        " --probes {input.probes} --tagged {input.tagged} --corpus {input.corpus} --out {output} > {log} 2>&1"
 
 
 rule subnet:

@@ -427,20 +427,39 @@ def versus_full_lines(vs: pd.DataFrame) -> list[str]:
 
 def significance_lines(profile) -> list[str]:
     """table.md: which transformer blocks the profile finds significantly above the mean
-    (paired bootstrap interval of r_l - mean(r) above 0), said plainly when none."""
+    (the simultaneous band of r_l - mean(r) over layers above 0, or the older per-unit
+    interval), said plainly when none; and the new-vs-updated permutation test
+    (profile/tests.json) when the profile has one."""
     path = Path(profile) / "relative.csv"
     if not path.exists():
         return []
+    out = permutation_lines(profile)
     rel = pd.read_csv(path)
-    if "d_lo" not in rel or rel["d_lo"].isna().all():
-        return ["Layer selection: the profile has no significance test (bootstrap 0 or an older profile).", ""]
-    rel = rel[rel["d_lo"].notna()]
+    lo = "d_slo" if "d_slo" in rel and rel["d_slo"].notna().any() else "d_lo"
+    how = "95% simultaneous bootstrap band over layers" if lo == "d_slo" else "95% paired bootstrap"
+    if lo not in rel or rel[lo].isna().all():
+        return ["Layer selection: the profile has no significance test (bootstrap 0 or an older profile).", ""] + out
+    rel = rel[rel[lo].notna()]
     g = "block" if (rel["granularity"] == "block").any() else rel["granularity"].iloc[0]
     rel = rel[rel["granularity"] == g]
-    parts = [f"{t}: {', '.join(sub.loc[sub['d_lo'] > 0, 'unit']) or 'none'}"
+    parts = [f"{t}: {', '.join(sub.loc[sub[lo] > 0, 'unit']) or 'none'}"
              for t, sub in rel.groupby("knowledge_type", sort=False)]
-    if not (rel["d_lo"] > 0).any():
+    if not (rel[lo] > 0).any():
         return [f"Layer selection: **no {g} is significantly above the mean** of r for any knowledge type "
-                "(95% paired bootstrap of r_l - mean(r)); the TGL selection is within noise.", ""]
-    return [f"Layer selection: {g}s significantly above the mean of r (95% paired bootstrap of "
-            f"r_l - mean(r)): {'; '.join(parts)}.", ""]
+                f"({how} of r_l - mean(r)); the TGL selection is within noise.", ""] + out
+    return [f"Layer selection: {g}s significantly above the mean of r ({how} of "
+            f"r_l - mean(r)): {'; '.join(parts)}.", ""] + out
+
+
+def permutation_lines(profile) -> list[str]:
+    """One line: the new-vs-updated label-permutation p-value beside the profile."""
+    path = Path(profile) / "tests.json"
+    if not path.exists():
+        return []
+    t = read_json(path).get("new_vs_updated", {})
+    if not t.get("available"):
+        return [f"Gradient profile, new vs updated: no permutation test ({t.get('reason') or 'not available'}).", ""]
+    moved = {"entity": "entities"}.get(t.get("exchange_unit"), "sequences")
+    return [f"Gradient profile, new vs updated ({t['test']}, {t['permutations']} permutations exchanging "
+            f"{moved}): {t['statistic']} = {t['observed']:.3g}, "
+            f"p = {t['p_value']:.3g}; shape p = {t.get('shape_p_value', float('nan')):.3g}.", ""]
