@@ -137,6 +137,45 @@ def test_controls_pick_as_many_blocks_as_the_selection():
     assert unit_multipliers("random", UNITS, sel, 5) == unit_multipliers("random", UNITS, sel, 5)
 
 
+def test_subsets_are_deterministic_distinct_and_of_the_right_size():
+    from math import comb
+
+    from gradloc.methods.layers import subsets
+
+    # more subsets than asked for: `count` seeded distinct ones, the same every time
+    drawn = subsets(12, 4, 20, seed=0)
+    assert drawn == subsets(12, 4, 20, seed=0) and drawn != subsets(12, 4, 20, seed=1)
+    assert len(drawn) == 20 and len(set(drawn)) == 20
+    assert all(len(s) == 4 and list(s) == sorted(set(s)) and all(0 <= i < 12 for i in s) for s in drawn)
+    # a longer list starts with the same draws: null_0..null_19 keep their subsets when count grows
+    assert subsets(12, 4, 30, seed=0)[:20] == drawn
+    # C(L, k) <= count: every subset, in lexicographic order, whatever the seed
+    every = subsets(4, 2, 20, seed=3)
+    assert len(every) == comb(4, 2) == 6 and every[0] == (0, 1) and every[-1] == (2, 3)
+    assert every == subsets(4, 2, 6, seed=9)
+    with pytest.raises(InputError, match="subset.size"):
+        subsets(4, 5, 20, seed=0)
+
+
+def test_layers_subset_trains_one_null_subset_on_a_real_model():
+    from gradloc.methods.layers import subsets
+
+    sel = {**SELECTION, "_source": "sel.json"}  # tgl_fp picks 2 of the 4 blocks: C(4, 2) = 6 subsets
+    method = {"layers": "subset", "subset": {"index": 0, "count": 20}}
+    picked = {tuple(prepare(gpt2(), {**method, "subset": {"index": i, "count": 20}}, sel).trained_units)
+              for i in range(6)}
+    assert picked == {tuple(f"block.{b}" for b in s) for s in subsets(4, 2, 6, 0)}
+    # size given: subsets of 3 blocks; the frozen blocks get no gradient
+    prepared = prepare(gpt2(), {"layers": "subset", "subset": {"index": 1, "count": 2, "seed": 4, "size": 3}}, sel)
+    assert len(prepared.trained_units) == 3
+    trained = {n for n, p in prepared.model.named_parameters() if p.requires_grad}
+    assert all(any(n.startswith(f"transformer.h.{u[6:]}.") for u in prepared.trained_units) for n in trained)
+    with pytest.raises(InputError, match="method.subset"):
+        resolve_method({"layers": "subset"})
+    with pytest.raises(InputError, match="method.subset"):
+        resolve_method({"layers": "random", "subset": {"index": 0}})
+
+
 DENSITY = {0: 0.05, 1: 0.4, 2: 0.1, 3: 0.3}  # blocks 1 and 3 are the densest
 
 

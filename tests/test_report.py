@@ -377,3 +377,118 @@ def test_permutation_p_value_beside_the_profile(inputs):
     open(path, "w").write(json.dumps({"new_vs_updated": {**test, "available": False, "reason": "no new sequences profiled"}}))
     run_report(inputs)
     assert "no permutation test (no new sequences profiled)" in open(f"{inputs['out']}/table.md").read()
+
+
+# --- claims.py: the layer null, the TGL-ALR multipliers, the claims table -------------------
+
+def write_fact_eval(folder, method, seed, period, hits, efficacy):
+    """An eval folder with fact-level metrics only: hits = {set: hits@1}."""
+    folder.mkdir(parents=True)
+    sets = {s: {"hits1": h, "n": 4} for s, h in hits.items()}
+    (folder / "summary.json").write_text(json.dumps({
+        "method": method, "seed": seed, "period": period,
+        "facts": {"candidates": 10, "sets": sets, "efficacy": {"share": efficacy, "n": 4}}}))
+
+
+def write_null_train(folder, method, seed, period, layers, units, subset=None):
+    folder.mkdir(parents=True)
+    config = {"layers": layers, **({"subset": subset} if subset else {})}
+    (folder / "metrics.json").write_text(json.dumps(
+        {"method": method, "seed": seed, "period": period, "method_config": config, "trained_units": units}))
+
+
+def null_results(root):
+    """base, tgl_fp and 5 null runs (null_4 trains null_0's blocks again), 2 seeds, 1 period.
+    tgl_fp: new hits@1 0.6; nulls 0.2, 0.4, 0.6, 0.8 (+ the repeat 0.2): percentile (1 + 0.5) / 4."""
+    evals, trains = [], []
+    write_fact_eval(root / "eval/base/P1", "base", None, 1, {"new": 0.0, "updated": 0.0, "unchanged": 0.9}, 0.0)
+    evals.append(str(root / "eval/base/P1"))
+    runs = [("tgl_fp", "tgl_fp", ["block.1"], 0.6, 0.8)] + [
+        (f"null_{i}", "subset", [f"block.{b}"], new, unch)
+        for i, (b, new, unch) in enumerate([(0, 0.2, 0.7), (2, 0.4, 0.9), (3, 0.6, 0.6), (4, 0.8, 0.5), (0, 0.2, 0.7)])]
+    for method, layers, units, new, unch in runs:
+        for seed in (0, 1):
+            e = root / f"eval/{method}/seed{seed}/P1"
+            write_fact_eval(e, method, seed, 1, {"new": new, "updated": new / 2, "unchanged": unch}, new)
+            t = root / f"train/{method}/seed{seed}/P1"
+            write_null_train(t, method, seed, 1, layers, units, {"index": 0} if layers == "subset" else None)
+            evals.append(str(e))
+            trains.append(str(t))
+    return evals, trains
+
+
+def test_percentile_counts_ties_half():
+    from gradloc.report.claims import percentile
+
+    assert percentile(0.6, [0.2, 0.4, 0.6, 0.8]) == pytest.approx(62.5)
+    assert percentile(1.0, [0.2, 0.4]) == 100.0 and percentile(0.0, [0.2, 0.4]) == 0.0
+    assert math.isnan(percentile(0.5, [])) and math.isnan(percentile(math.nan, [0.1]))
+
+
+def test_null_comparison_ranks_tgl_fp_among_distinct_null_subsets(tmp_path):
+    from gradloc.report import claims
+
+    evals, trains = null_results(tmp_path)
+    null = claims.null_comparison(evals, trains)
+    assert null["tgl_fp"] == "tgl_fp" and null["n"] == 4  # null_4 repeats null_0's blocks
+    p1 = null["periods"]["1"]
+    assert p1["null_methods"] == ["null_0", "null_1", "null_2", "null_3"]
+    assert p1["metrics"]["new_hits1"]["percentile"] == pytest.approx(62.5)
+    assert p1["metrics"]["efficacy_share"]["percentile"] == pytest.approx(62.5)
+    # unchanged hits@1 0.8 beats 0.7, 0.6, 0.5 and loses to 0.9: forgets less than 3 of 4
+    assert p1["metrics"]["unchanged_hits1"]["percentile"] == pytest.approx(75.0)
+    assert p1["forgetting"]["tgl_fp"] == pytest.approx(0.1)  # base 0.9 - 0.8
+    assert claims.null_passed(null) is False
+    text, null_json, rows = claims.build(evals, trains, None, None, pd.DataFrame())
+    assert "| 1 | 4 | hits@1 new | 60.0 | 50.0 [20.0, 80.0] | 62 |" in text
+    assert rows[1]["verdict"] == "inconclusive"
+
+
+def test_claim_a_reads_the_profiles_permutation_test(tmp_path):
+    from gradloc.report.claims import claim_a
+
+    assert claim_a(tmp_path)["verdict"] == "inconclusive" and claim_a(tmp_path)["reason"] == "no permutation test"
+    test = {"p_value": 0.01, "permutations": 1000, "statistic": "L1 distance of the profiles", "observed": 0.42}
+    (tmp_path / "tests.json").write_text(json.dumps({"new_vs_updated": test}))
+    a = claim_a(tmp_path)
+    assert a["verdict"] == "confirmed" and "p = 0.01 (1000 permutations)" in a["numbers"]
+    (tmp_path / "tests.json").write_text(json.dumps({"new_vs_updated": {**test, "p_value": 0.05}}))
+    assert claim_a(tmp_path)["verdict"] == "inconclusive"
+    (tmp_path / "tests.json").write_text(json.dumps({"other": test}))
+    assert claim_a(tmp_path)["reason"] == "no permutation test"
+    (tmp_path / "tests.json").write_text(json.dumps({"new_vs_updated": {"p_value": 0.01}}))
+    with pytest.raises(InputError, match="new_vs_updated lacks"):
+        claim_a(tmp_path)
+
+
+def test_claim_b_verdicts():
+    from gradloc.report.claims import verdict_b
+
+    better, worse, unclear = (2.0, 1.0, 3.0), (-2.0, -3.0, -1.0), (0.0, -1.0, 1.0)
+    # uptake: positive = learned more; forgetting: positive = forgot more
+    assert verdict_b(better, worse, None)[0] == "confirmed"
+    assert verdict_b(better, worse, True)[0] == "confirmed"
+    assert verdict_b(better, worse, False)[0] == "inconclusive"  # the null is not beaten
+    assert verdict_b(worse, worse, None)[0] == "refuted"  # worse uptake
+    assert verdict_b(better, better, True)[0] == "refuted"  # forgets more
+    assert verdict_b(unclear, worse, None)[0] == "inconclusive"
+    assert verdict_b((1.0, math.nan, math.nan), worse, None)[0] == "inconclusive"
+
+
+def test_report_renders_the_null_alr_and_claims_sections(inputs, tmp_path):
+    selection = tmp_path / "selection.json"
+    selection.write_text(json.dumps({"granularity": "block", "units": ["block.2", "block.3"],
+                                     "knowledge_types": ["new", "updated"], "alr_normalise": "mean",
+                                     "lr_multipliers": {"embed": 1.0, "block.0": 0.5, "block.2": 1.25}}))
+    (tmp_path / "results" / "profile" / "tests.json").write_text(json.dumps({"new_vs_updated": {
+        "p_value": 0.002, "permutations": 500, "statistic": "max |r_new - r_updated|", "observed": 0.3}}))
+    report.run({"dpi": 40}, **inputs, selection=str(selection))
+    md = open(f"{inputs['out']}/table.md").read()
+    for heading in ("## TGL-FP against the layer null", "## TGL-ALR learning-rate multipliers", "## Claims"):
+        assert heading in md
+    assert "No layer null ran" in md
+    assert "| block.0 | 0.5 | frozen |" in md and "| block.2 | 1.25 | trained |" in md
+    rows = json.load(open(f"{inputs['out']}/claims.json"))
+    assert [r["verdict"] for r in rows] == ["confirmed", "inconclusive"]  # no fact-level scores for (b)
+    assert "**confirmed** (p < 0.05)" in md
+    assert json.load(open(f"{inputs['out']}/null.json"))["n"] == 0

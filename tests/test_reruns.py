@@ -254,3 +254,12 @@ def test_lm_eval_adds_only_its_own_jobs(completed):
     jobs = dry_run_with(completed, {"lm_eval": {"tasks": ["gradloc_cloze"], "limit": 8}})
     assert jobs == ({("lm_eval_base", "lm_eval/base"), ("general_ability", "extras/general_ability.csv")}
                     | {("lm_eval", f"lm_eval/{m}/seed{cfg['train']['seeds'][0]}") for m in cfg["train"]["methods"]})
+
+
+def test_null_layers_add_only_the_null_methods(completed):
+    """train.null_layers adds methods null_0.. (layers: subset) beside the others: their jobs
+    and the report's, none of the configured methods' (their params leave null_layers out)."""
+    _, _, cfg = completed
+    assert "null_layers" not in cfg["train"]
+    jobs = dry_run_with(completed, {"train": {"null_layers": {"count": 2, "seed": 0}}})
+    assert jobs == train_and_eval(cfg, ["null_0", "null_1"]) | REPORT

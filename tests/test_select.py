@@ -155,3 +155,54 @@ def test_significance_uses_the_simultaneous_band(profile_dir, tmp_path):
     sel = run(profile_dir, tmp_path)
     assert sel["significance"]["band"] == "pointwise" and sel["significance"]["above_mean"]["new"] == ["block.3"]
     assert "95% paired bootstrap" in select.significance_line(sel)
+
+
+def with_intervals(profile_dir, lower: dict, column="d_lo"):
+    """relative.csv with the interval of d: lower end -1 everywhere but `lower` ((type, unit): value)."""
+    import pandas as pd
+
+    rel = pd.read_csv(profile_dir / "relative.csv")
+    rel["d"], rel["d_lo"], rel["d_hi"] = 0.0, -1.0, 1.0
+    if column != "d_lo":
+        rel[column], rel[column.replace("lo", "hi")] = -1.0, 1.0
+    for (t, u), v in lower.items():
+        rel.loc[(rel["knowledge_type"] == t) & (rel["unit"] == u), column] = v
+    rel.to_csv(profile_dir / "relative.csv", index=False)
+
+
+def test_mean_significant_picks_only_significant_units(profile_dir, tmp_path, caplog):
+    # new: block.1 and block.3 are above the mean (1.8), only block.3's interval is above 0;
+    # updated: block.0's interval is above 0 (block.2, above the mean too, is not)
+    with_intervals(profile_dir, {("new", "block.3"): 0.4, ("updated", "block.0"): 0.1})
+    s = run(profile_dir, tmp_path, rule="mean_significant")
+    assert s["units"] == ["block.0", "block.3"] and s["fallback_to_mean"] == []
+    assert s["rule"] == "mean_significant"
+    assert "new: r=3 in mean 1.8 (significantly above)" in s["reasons"]["block.3"]
+    # a lower end exactly 0 is not wholly above 0; no updated unit significant: mean for updated, warned
+    with_intervals(profile_dir, {("new", "block.3"): 0.4, ("updated", "block.0"): 0.0})
+    with caplog.at_level("WARNING"):
+        s = run(profile_dir, tmp_path, rule="mean_significant")
+    assert s["units"] == ["block.0", "block.2", "block.3"] and s["fallback_to_mean"] == ["updated"]
+    assert "falling back to rule mean for updated" in caplog.text
+    # the plain mean rule on the same profile still takes every unit above the mean
+    assert run(profile_dir, tmp_path)["units"] == ["block.0", "block.1", "block.2", "block.3"]
+
+
+def test_mean_significant_prefers_the_simultaneous_interval(profile_dir, tmp_path):
+    # per-unit d_lo says block.1 is significant (new); the simultaneous d_slo says block.3 only
+    with_intervals(profile_dir, {("new", "block.3"): 0.2}, column="d_slo")
+    import pandas as pd
+
+    rel = pd.read_csv(profile_dir / "relative.csv")
+    rel.loc[(rel["knowledge_type"] == "new") & (rel["unit"] == "block.1"), "d_lo"] = 0.5
+    rel.to_csv(profile_dir / "relative.csv", index=False)
+    s = run(profile_dir, tmp_path, rule="mean_significant", knowledge_types=["new"])
+    assert s["units"] == ["block.3"]
+    # without the simultaneous columns the per-unit interval decides
+    rel.drop(columns=["d_slo", "d_shi"]).to_csv(profile_dir / "relative.csv", index=False)
+    assert run(profile_dir, tmp_path, rule="mean_significant", knowledge_types=["new"])["units"] == ["block.1"]
+
+
+def test_mean_significant_without_intervals_is_the_mean_rule(profile_dir, tmp_path):
+    s = run(profile_dir, tmp_path, rule="mean_significant", knowledge_types=["new"])
+    assert s["units"] == ["block.1", "block.3"] and s["fallback_to_mean"] == ["new"]

@@ -112,3 +112,35 @@ def test_the_train_rule_passes_every_part_input():
     groups = [re.findall(r'"(\w+)"', g) for g in re.findall(r"P\.input_args\(input, \[([^\]]*)\]\)", text)]
     names = [n for g in groups for n in g]
     assert sorted(names) == sorted(parts.INPUTS) and len(names) == len(set(names))
+
+
+def test_null_layers_expand_to_null_methods_and_leave_the_others_unchanged():
+    a = workflow.Plan(config())
+    assert not any(m.startswith("null_") for m in a.methods) and workflow.null_methods(a.config) == {}
+    b = workflow.Plan(config(null_layers={"count": 3, "seed": 7}))
+    assert b.methods == a.methods + ["null_0", "null_1", "null_2"]
+    assert json.loads(b.train_params("null_2"))["method"] == {
+        "layers": "subset", "subset": {"index": 2, "count": 3, "seed": 7, "size": None}}
+    # the configured methods' params (their job hashes) do not change, nor do their inputs
+    assert all(a.train_params(m) == b.train_params(m) for m in a.methods)
+    assert "null_layers" not in json.loads(b.train_params("null_0"))["common"]
+    assert b.method_inputs("null_0", 1) == {"selection": f"{b.R}/select/selection.json"}
+    assert f"{b.R}/eval/null_1/seed0/P2" in b.report_evals()
+    # count 0 or null: off
+    assert workflow.Plan(config(null_layers={"count": 0})).methods == a.methods
+    assert workflow.Plan(config(null_layers=None)).methods == a.methods
+
+
+def test_null_layers_stop_at_every_subset_when_the_config_knows_them():
+    from math import comb
+
+    c = config(null_layers={"count": 20, "size": 1})
+    layers = c["model"]["architecture"]["n_layer"]
+    nulls = workflow.null_methods(c)
+    assert len(nulls) == min(20, comb(layers, 1)) == layers
+    with pytest.raises(InputError, match="train.null_layers.size"):
+        config(null_layers={"size": layers + 1})
+    with pytest.raises(InputError, match="null_layers"):
+        config(methods={"null_0": {}}, null_layers={"count": 1})
+    with pytest.raises(InputError, match="train.null_layers: unknown key"):
+        config(null_layers={"cuont": 2})

@@ -85,7 +85,8 @@ STAGES = {
                                   ("profile", "profile folder"), ("base_model", "base model folder"),
                                   ("out", "output folder"),
                                   ("subnet?", "subnet folder (knowledge-critical subnetworks; optional)"),
-                                  ("weighting?", "weighting model folder (CaMeLS meta-training; optional)")]),
+                                  ("weighting?", "weighting model folder (CaMeLS meta-training; optional)"),
+                                  ("selection?", "selection JSON file (the TGL-ALR multipliers; optional)")]),
     "lm-eval": ("gradloc.lmeval", [("model+", "checkpoint folder(s)"), ("out+", "output folder(s), one per --model"),
                                    ("method?", "method name written into summary.json (default: metrics.json, "
                                                "else base)")]),

@@ -1,8 +1,11 @@
 """Layer selection from the gradient profile (TGL, methods §1).
 
 TGL-FP: per knowledge type, the units whose relative gradient norm r is above the mean
-of r over units (`rule: mean`, the paper's) or the k largest (`rule: topk`); the types'
-choices are combined by union or intersection. The rest is frozen during training.
+of r over units (`rule: mean`, the paper's), the units significantly above it
+(`rule: mean_significant`, ours: the 95% interval of d = r - mean(r) lies wholly above 0;
+the simultaneous interval `d_slo`/`d_shi` when the profile has it, else the per-unit
+`d_lo`/`d_hi`; `mean` with a warning where no unit is), or the k largest (`rule: topk`);
+the types' choices are combined by union or intersection. The rest is frozen during training.
 TGL-ALR: each unit's learning rate is multiplied by r (averaged over the chosen
 types) normalised by the mean (or max) over units.
 
@@ -33,8 +36,15 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
-def choose(r: pd.Series, rule: str, k: int | None) -> tuple[set[str], str]:
-    """Units chosen for one knowledge type, and the threshold in words."""
+def choose(r: pd.Series, rule: str, k: int | None, lower: pd.Series | None = None) -> tuple[set[str], str]:
+    """Units chosen for one knowledge type, and the threshold in words. `lower`: the lower
+    end of each unit's interval of d = r - mean(r) (rule mean_significant)."""
+    if rule == "mean_significant":
+        lo = pd.Series(float("nan"), index=r.index) if lower is None else lower.reindex(r.index)
+        sig = set(lo.index[lo.gt(0)])
+        if sig:
+            return sig, f"mean {_fmt(r.mean())} (significantly above)"
+        rule = "mean"
     if rule == "mean":
         mean = r.mean()
         return set(r.index[r > mean]), f"mean {_fmt(mean)}"
@@ -48,13 +58,19 @@ def select(relative: pd.DataFrame, params: dict) -> dict:
     params = with_defaults(params)
     g = params["granularity"]
     rel, wide, order, candidates, types = profiled(relative, params)
-    picked, why = {}, {u: [] for u in candidates}
+    picked, why, fell_back = {}, {u: [] for u in candidates}, []
     for t in types:
         r = wide.loc[candidates, t].dropna()
-        chosen, threshold = choose(r, params["rule"], params["k"])
+        lower = lower_ends(rel, t) if params["rule"] == "mean_significant" else None
+        chosen, threshold = choose(r, params["rule"], params["k"], lower)
+        if params["rule"] == "mean_significant" and "significantly" not in threshold:
+            fell_back.append(t)
+            log.warning("select: rule mean_significant: no %s unit is significantly above the mean "
+                        "(interval of d wholly above 0)%s; falling back to rule mean for %s", t,
+                        "" if lower is not None else " (the profile has no interval of d)", t)
         picked[t] = chosen
         for u in r.index:
-            if params["rule"] == "mean":
+            if threshold.startswith("mean") and "significantly" not in threshold:
                 op = ">" if u in chosen else "<="
             else:
                 op = "in" if u in chosen else "not in"
@@ -79,6 +95,8 @@ def select(relative: pd.DataFrame, params: dict) -> dict:
         "granularity": g,
         "rule": params["rule"],
         "k": params["k"],
+        # rule mean_significant: the types where no unit was significant and `mean` chose
+        "fallback_to_mean": fell_back,
         "knowledge_types": types,
         "combine": params["combine"],
         "alr_normalise": params["alr_normalise"],
@@ -114,6 +132,19 @@ def profiled(relative: pd.DataFrame, params: dict):
     if missing:
         log.warning("select: knowledge type(s) %s not in the profile, using %s", missing, types)
     return rel, wide, order, candidates, types
+
+
+def lower_ends(rel: pd.DataFrame, t: str) -> pd.Series | None:
+    """Per unit of knowledge type `t`: the lower end of the interval of d = r - mean(r),
+    from the simultaneous interval `d_slo` when the profile has it, else `d_lo`; None
+    where the profile has neither (or only empty values)."""
+    sub = rel[rel["knowledge_type"] == t].set_index("unit")
+    for col in ("d_slo", "d_lo"):
+        if col in sub.columns:
+            lo = pd.to_numeric(sub[col], errors="coerce")
+            if lo.notna().any():
+                return lo
+    return None
 
 
 def reasons_of(order, types, why, units, fallback, multipliers, significance, combine) -> dict[str, str]:

@@ -36,7 +36,12 @@ def check(config: dict) -> dict:
     if errors:
         raise InputError("invalid configuration:\n" + "\n".join(f"  {e}" for e in errors))
     check_base(config)
-    for name, method in config["train"]["methods"].items():
+    nulls = null_methods(config)
+    clash = sorted(set(nulls) & set(config["train"]["methods"]))
+    if clash:
+        raise InputError(f"invalid configuration:\n  train.methods: {clash} are the names of train.null_layers' "
+                         "methods; rename them")
+    for name, method in {**config["train"]["methods"], **nulls}.items():
         try:
             parts.check(method)
         except InputError as e:
@@ -51,6 +56,32 @@ def check(config: dict) -> dict:
     return config
 
 
+def null_methods(config: dict) -> dict[str, dict]:
+    """`train.null_layers` as methods {null_i: {layers: subset, subset: ...}}, i < n:
+    n = min(count, C(L, size)) when the config gives the number of blocks L (a scratch
+    model's n_layer) and the size, else count (C(L, k) with k from the selection is known
+    only after the select stage; the subset policy then repeats a subset, which the report
+    drops). Absent, null or count 0: none."""
+    from math import comb
+
+    spec = config["train"].get("null_layers")
+    if not spec:
+        return {}
+    spec = {"count": 20, "seed": 0, "size": None, **spec}
+    if not isinstance(spec["count"], int) or spec["count"] < 0:
+        raise InputError(f"train.null_layers.count: expected an integer >= 0, got {spec['count']!r}")
+    n, model = spec["count"], config.get("model") or {}
+    layers = (model.get("architecture") or {}).get("n_layer", 6) if model.get("source", "scratch") == "scratch" \
+        else None
+    if layers is not None and spec["size"] is not None:
+        if spec["size"] > layers:
+            raise InputError(f"train.null_layers.size: {spec['size']} blocks, but model.architecture.n_layer "
+                             f"is {layers}")
+        n = min(n, comb(layers, spec["size"]))
+    return {f"null_{i}": {"layers": "subset", "subset": {"index": i, "count": spec["count"], "seed": spec["seed"],
+                                                         "size": spec["size"]}} for i in range(n)}
+
+
 class Plan:
     """The workflow of one (checked) config. `manifest`: a function giving the split's
     manifest.json path (Snakemake's checkpoint), for sources whose periods the data decide."""
@@ -58,7 +89,9 @@ class Plan:
     def __init__(self, config: dict, manifest: Callable[[], str] | None = None):
         self.config, self.manifest = config, manifest
         self.R = config["results"]
-        self.methods = list(config["train"]["methods"])
+        # the layer null's methods (train.null_layers) come after the configured ones
+        self.entries = {**config["train"]["methods"], **null_methods(config)}
+        self.methods = list(self.entries)
         self.seeds = [int(s) for s in config["train"]["seeds"]]
         # train.group_seeds: one train job per (method, period) trains every seed in turn;
         # otherwise one job per (method, seed, period). Same outputs, same numbers.
@@ -95,8 +128,9 @@ class Plan:
     def train_params(self, method: str) -> str:
         """Train-wide settings plus one method's entry: editing a method reruns only it."""
         t = self.config["train"]
-        common = {k: v for k, v in t.items() if k not in ("methods", "seeds", "group_seeds")}
-        out = {"name": method, "common": common, "method": t["methods"][method]}
+        # null_layers only adds methods: the others' params (and so their jobs) stay as they were
+        common = {k: v for k, v in t.items() if k not in ("methods", "seeds", "group_seeds", "null_layers")}
+        out = {"name": method, "common": common, "method": self.entries[method]}
         if self.config.get("parts"):
             out["parts"] = self.config["parts"]
         return compact(out)
@@ -118,7 +152,7 @@ class Plan:
 
     def needs(self, method: str) -> list[str]:
         """The upstream outputs a method's parts read (names in `parts.INPUTS`)."""
-        return parts.needs(self.config["train"]["methods"][method])
+        return parts.needs(self.entries[method])
 
     def uses(self, name: str) -> bool:
         """Whether some method reads upstream output `name` (e.g. weighting_model)."""

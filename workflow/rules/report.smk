@@ -3,6 +3,7 @@ rule report:
         evals=P.report_evals,
         trains=P.report_trains,
         profile=rules.profile.output[0],
+        selection=rules.select.output[0],
         subnet=rules.subnet.output[0],
         base_model=rules.base_model.output[0],
         weighting=lambda w: [f"{R}/weighting_model"] if P.uses("weighting_model") else [],
@@ -33,4 +34,4 @@ rule report:
         "../../envs/data.yaml"
     shell:
         "python -m gradloc report --params {params.p:q} --evals {input.evals} --trains {input.trains}"
-        " --profile {input.profile} --subnet {input.subnet} --base-model {input.base_model} {params.weighting} --out {params.out} > {log} 2>&1"
+        " --profile {input.profile} --subnet {input.subnet} --base-model {input.base_model} {params.weighting} --selection {input.selection} --out {params.out} > {log} 2>&1"

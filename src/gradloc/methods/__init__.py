@@ -76,6 +76,8 @@ def prepare(model: nn.Module, method: dict, selection=None, seed: int = 0, subne
         raise InputError("method uses the knowledge-critical subnetwork: needs --subnet (the `gradloc subnet` folder)")
     if method["layers"] == "subnet" and sel:
         sel["density"] = masking.block_density(subnet, period)
+    if method["layers"] == "subset" and sel:
+        sel["subset"] = method["subset"]
     if isinstance(model, KAdapterModel) and "k_adapter" not in method:
         raise InputError("init checkpoint has a K-Adapter but the method has no k_adapter part")
     base = model.base if isinstance(model, KAdapterModel) else model

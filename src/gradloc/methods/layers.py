@@ -4,12 +4,18 @@ A policy maps (units bottom to top, selection, seed) to {trainable unit: lr mult
 units it leaves out are frozen. `all` is full fine-tuning (DIFF), `tgl_fp` / `tgl_alr`
 read the selection, `random` / `first` / `last` are controls that train as many blocks
 as TGL-FP selected; `subnet` trains as many, those with the highest density of the
-knowledge-critical subnetwork (methods/masking.py; its densities come in `sel["density"]`).
+knowledge-critical subnetwork (methods/masking.py; its densities come in `sel["density"]`);
+`subset` is the layer null TGL-FP must beat: the `index`-th of `count` seeded distinct random
+subsets of `size` blocks (default: as many as TGL-FP selected; every subset, in a fixed order,
+when there are no more than `count`), the method's `subset` entry in `sel["subset"]`.
 Another localisation is one more entry in `POLICIES`.
 """
 
 from __future__ import annotations
 
+import logging
+from itertools import combinations
+from math import comb
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +24,7 @@ from ..io import InputError, read_json
 from ..models import is_block_unit
 from ..parts import Part, register
 
+log = logging.getLogger(__name__)
 
 def read_selection(selection) -> dict:
     """The selection JSON (a path or an already-read dict), its required keys checked."""
@@ -71,6 +78,38 @@ def _densest_blocks(blocks, k, seed, sel):
     return sorted(blocks, key=lambda b: -density.get(b, 0.0))[:k]
 
 
+def subsets(n_blocks: int, size: int, count: int, seed: int) -> list[tuple[int, ...]]:
+    """The layer null's subsets of block indices (each sorted): every one of the C(n, size),
+    in lexicographic order, when C(n, size) <= count; else `count` distinct ones drawn with
+    seed `seed` (the same list for the same arguments, whatever the caller)."""
+    if not 1 <= size <= n_blocks:
+        raise InputError(f"method.subset.size: {size} blocks, but the model has {n_blocks} (need 1..{n_blocks})")
+    if comb(n_blocks, size) <= count:
+        return list(combinations(range(n_blocks), size))
+    rng, seen, out = np.random.default_rng(seed), set(), []
+    while len(out) < count:
+        s = tuple(sorted(int(i) for i in rng.choice(n_blocks, size=size, replace=False)))
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def _subset_blocks(blocks, k, seed, sel):
+    entry = sel.get("subset")
+    if entry is None:
+        raise InputError("layers: subset needs the method's subset entry ({index, count, seed, size})")
+    size = entry.get("size") or k
+    found = subsets(len(blocks), size, entry["count"], entry["seed"])
+    index = entry["index"]
+    if index >= len(found):
+        # the workflow cannot always know C(L, k) before the selection: a repeat, which the report drops
+        log.warning("layers: subset: index %d, but only %d distinct subsets of %d of %d blocks; training "
+                    "subset %d again", index, len(found), size, len(blocks), index % len(found))
+        index %= len(found)
+    return [blocks[i] for i in found[index]]
+
+
 POLICIES = {
     "all": _all,
     "tgl_fp": _tgl_fp,
@@ -79,6 +118,7 @@ POLICIES = {
     "first": _control(lambda blocks, k, seed, sel: blocks[:k]),
     "last": _control(lambda blocks, k, seed, sel: blocks[len(blocks) - k:]),
     "subnet": _control(_densest_blocks),
+    "subset": _control(_subset_blocks),
 }
 
 
@@ -106,6 +146,9 @@ def _needs(entry, method):
 def _check(entry, method):
     if entry not in POLICIES:
         raise InputError(f"method.layers: {entry!r} is not one of {list(POLICIES)}")
+    if (entry == "subset") != ("subset" in method):
+        raise InputError("method.subset: layers: subset needs a subset entry ({index, count, seed, size}) and "
+                         "a subset entry needs layers: subset")
 
 
 PART = register(Part("layers", needs=_needs, check=_check))

@@ -6,6 +6,8 @@ into one table (CSV + Markdown) and three figures.
 - `markdown`: table.md.
 - `figures`: heatmap, uptake vs forgetting, training curves, and (with `subnet`) mask density
   vs gradient norm per layer (the only matplotlib).
+- `claims`: TGL-FP against the layer null (null.json), the TGL-ALR multipliers (from
+  `selection`) and the claims table (claims.json).
 This module reads the inputs, calls those, and writes the outputs atomically.
 """
 
@@ -17,15 +19,16 @@ from pathlib import Path
 import pandas as pd
 
 from .. import schema
-from ..io import InputError, atomic_output, read_json, read_table
-from . import facts, markdown, table  # figures (matplotlib) is imported in run() only
+from ..io import InputError, atomic_output, read_json, read_table, write_json
+from . import claims, facts, markdown, table  # figures (matplotlib) is imported in run() only
 
 log = logging.getLogger(__name__)
 
 FLOAT_FORMAT = "%.10g"  # enough digits for any ppl, none of the 0.30000000000000004 noise
 
 
-def run(params: dict, evals: list, trains: list, profile, base_model, out, subnet=None, weighting=None) -> None:
+def run(params: dict, evals: list, trains: list, profile, base_model, out, subnet=None, weighting=None,
+        selection=None) -> None:
     from . import figures
 
     params = schema.fill("report", params, where="report params")
@@ -66,6 +69,10 @@ def run(params: dict, evals: list, trains: list, profile, base_model, out, subne
         text += ("\n\n" + "\n".join(extra)) if extra else ""
         figures.significance(pd.read_csv(Path(profile) / "relative.csv"), tmp / "significance.png", dpi) \
             if (Path(profile) / "relative.csv").exists() else None
+        verdicts, null, rows = claims.build(evals, trains, profile, selection, fact_vs)
+        text += "\n\n" + verdicts
+        write_json(null, tmp / "null.json")
+        write_json(rows, tmp / "claims.json")
         (tmp / "table.md").write_text(text + "\n")
         figures.render_heatmap(profile, tmp / "heatmap.png", dpi)
         figures.tradeoff(result, order, primary, tmp / "tradeoff.png", dpi, averaged)
