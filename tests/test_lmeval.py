@@ -45,10 +45,23 @@ def test_unknown_task_is_named(world, tmp_path):  # noqa: F811
                    out=tmp_path / "x")
 
 
-def test_cloze_data_is_shipped_and_well_formed():
-    rows = [json.loads(x) for x in (lmeval.tasks_dir() / "gradloc_cloze.jsonl").read_text().splitlines()]
-    assert len(rows) >= 50
+@pytest.mark.parametrize("name", ["gradloc_cloze", "world_capitals"])
+def test_shipped_task_data_is_well_formed(name):
+    rows = [json.loads(x) for x in (lmeval.tasks_dir() / f"{name}.jsonl").read_text().splitlines()]
+    assert len(rows) >= 50 and len({r["prefix"] for r in rows}) == len(rows)
     assert all(len(r["choices"]) == 4 and 0 <= r["label"] < 4 and len(set(r["choices"])) == 4 for r in rows)
+
+
+def test_world_capitals_runs_offline_from_its_own_file(world, tmp_path, monkeypatch):  # noqa: F811
+    """The general-knowledge task reads world_capitals.jsonl (dataset_kwargs), not the cloze."""
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    lmeval.run({"tasks": ["world_capitals"], "limit": 4}, model=world / "base_model", out=tmp_path / "lm")
+    res = json.loads((tmp_path / "lm" / "results.json").read_text())
+    assert res["results"]["world_capitals"]["sample_len"] == 4
+    first = json.loads((lmeval.tasks_dir() / "world_capitals.jsonl").read_text().splitlines()[0])
+    assert res["configs"]["world_capitals"]["dataset_kwargs"] == {"file": "world_capitals.jsonl"}
+    assert first["prefix"].startswith("The capital of ")
 
 
 @pytest.mark.slow
