@@ -379,23 +379,36 @@ def test_diverging_run_stops_naming_the_step_and_leaves_no_output(world, tmp_pat
     assert saved == int(m.group(1)) - 1, "the state from just before the bad step is kept"
 
 
-def test_current_replay_leaves_out_the_documents_a_period_changed(tmp_path):
-    """`replay.source: current` replays only the base documents no period up to the trained
-    one rewrote (they would restate the replaced values); `base` replays them all."""
+def test_current_replay_replays_the_latest_versions_of_the_base_documents(tmp_path):
+    """`replay.source: current` replays each base document as the corpus' latest full version
+    up to the trained period (never the replaced value); a document changed without a full
+    version is left out; `base` (the default) replays T0 as it was."""
+    import pandas as pd
+
     tok = char_tokenizer()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=96,
                                                         n_positions=64, bos_token_id=0, eos_token_id=0))
     save_model(model, tok, tmp_path / "base_model" / "model")
-    rows = [{"seq_id": f"P0:D{i}:0", "period": 0, "split": "base", "text": f"Base {i} stays."} for i in range(4)]
-    rows += [{"seq_id": "P0:D9:0", "period": 0, "split": "base", "text": "Old: Dan works at Acme."},
-             {"seq_id": "P1:D9:0", "period": 1, "split": "train", "text": "New: Dan works at Zeta."},
-             {"seq_id": "P2:D0:0", "period": 2, "split": "train", "text": "Later: Base 0 moved."}]
+    rows = [{"seq_id": f"P0:D{i}:0", "period": 0, "split": "base", "text": f"Base {i} stays."} for i in range(3)]
+    rows += [{"seq_id": "P0:D9:0", "period": 0, "split": "base", "text": "Dan works at Acme."},
+             {"seq_id": "P1:D9:0", "period": 1, "split": "train", "text": "Dan works at Zeta."},
+             {"seq_id": "P2:D0:0", "period": 2, "split": "train", "text": "Base 0 moved."}]
     toks = tokens.load(tokens_world(tmp_path, tmp_path / "base_model", rows), tok)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pd.DataFrame([{"doc_id": r["seq_id"].split(":")[1], "snapshot": 0, "title": "t", "text": r["text"], "kind": "full"}
+                  for r in rows[:4]] + [{"doc_id": "D9", "snapshot": 1, "title": "t", "text": "Dan works at Zeta.",
+                                         "kind": "full"}]).to_parquet(corpus / "documents.parquet")
     text = lambda docs: sorted("".join(tok.convert_ids_to_tokens(d)) for d in docs)  # noqa: E731
     assert replay.doc_id("P1:E0001_2:0") == "E0001_2" and replay.doc_id("s3") == "s3"
-    assert text(replay.current_docs(toks, 1)) == [f"Base {i} stays." for i in range(4)]
-    assert "Old: Dan works at Acme." not in text(replay.current_docs(toks, 2))
-    assert "Base 0 stays." not in text(replay.current_docs(toks, 2)) and len(replay.current_docs(toks, 2)) == 3
+    assert text(replay.current_docs(toks, 1, corpus, tok)) == ["Base 0 stays.", "Base 1 stays.", "Base 2 stays.",
+                                                               "Dan works at Zeta."]
+    # period 2 changed D0 and the corpus has no full version of it: left out, never the old text
+    assert text(replay.current_docs(toks, 2, corpus, tok)) == ["Base 1 stays.", "Base 2 stays.", "Dan works at Zeta."]
+    with pytest.raises(InputError, match="needs --corpus"):
+        replay.current_docs(toks, 1, None, tok)
     _, base_docs = train.period_docs(toks, 1)
-    assert "Old: Dan works at Acme." in text(base_docs), "source: base (the default) replays all of T0"
+    assert "Dan works at Acme." in text(base_docs), "source: base (the default) replays T0 as it was"
+    assert replay.PART.needs({"ratio": 1.0, "source": "current"}, {}) == ["corpus"]
+    assert replay.PART.needs({"ratio": 1.0}, {}) == []

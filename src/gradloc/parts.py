@@ -46,7 +46,8 @@ INPUTS = {
     "attention": ("attention/P{period}", "attention folder of this period (augment methods)"),
     "subnet": ("subnet", "subnet folder (layers: subnet, mask: subnet)"),
     "tagged": ("tagged", "tagged folder (token_weighting, permute_objects: entity mentions and texts)"),
-    "corpus": ("corpus", "corpus folder (its triples: token_weighting's fact objects, permute_objects' facts)"),
+    "corpus": ("corpus", "corpus folder (its triples: token_weighting's fact objects, permute_objects' facts; "
+               "its documents: replay source current)"),
     "weighting_model": ("weighting_model", "weighting model folder (token_weighting camels)"),
 }
 

@@ -2,17 +2,22 @@
 
 Data only: the blocks that `gradloc.train` shuffles in beside the period's diff blocks,
 `ratio` x as many as the diff has, drawn afresh every epoch. `source: current` replays
-only the base documents that no period up to the trained one changed (a document's id
-is its seq_id without the period: "P0:E0001_2:0" -> "E0001_2"), so the replayed text
-never restates a replaced value."""
+the current snapshot of the base documents instead: each base document as the corpus'
+latest full version up to the trained period (`documents.parquet`, kind full), so the
+replayed text states the new value of a changed fact and never the replaced one. A
+document that a period changed without a full version in the corpus (a corpus of diffs
+only) is left out. A document's id is its seq_id without the period: "P0:E0001_2:0" ->
+"E0001_2"."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..engine import cut_blocks, with_eos
-from ..io import InputError
+from ..io import InputError, read_table
 from ..parts import Part, register
 
 
@@ -39,22 +44,37 @@ def doc_id(seq_id: str) -> str:
     return ":".join(parts[1:-1]) if len(parts) >= 3 and parts[0].startswith("P") else seq_id
 
 
-def current_docs(toks, period: int) -> list[np.ndarray]:
-    """The base documents whose document no period up to `period` changed."""
+def current_docs(toks, period: int, corpus, tokenizer) -> list[np.ndarray]:
+    """The base documents as of `period`: the latest full version up to it from the
+    corpus, tokenized; those changed later than their latest full version are left out."""
+    if not corpus:
+        raise InputError("replay source current: needs --corpus (its documents.parquet: the current versions)")
+    docs = read_table(Path(corpus) / "documents.parquet", ["doc_id", "snapshot", "text", "kind"])
+    docs = docs[(docs["kind"] == "full") & (docs["snapshot"] <= period)].astype({"doc_id": str})
+    latest = docs.sort_values(["doc_id", "snapshot"], kind="stable").groupby("doc_id").tail(1).set_index("doc_id")
     rows = toks.docs
-    changed = {doc_id(s) for s in rows.loc[(rows["period"] >= 1) & (rows["period"] <= period), "seq_id"]}
-    base = toks.select(split="base")
-    return toks.docs_of(base[[doc_id(s) not in changed for s in base["seq_id"]]])
+    changed: dict[str, int] = {}
+    for sid, p in zip(rows["seq_id"], rows["period"]):
+        if 1 <= p <= period:
+            changed[doc_id(sid)] = max(changed.get(doc_id(sid), 0), int(p))
+    base = list(dict.fromkeys(doc_id(s) for s in toks.select(split="base")["seq_id"]))
+    keep = [d for d in base if d in latest.index and changed.get(d, 0) <= latest.at[d, "snapshot"]]
+    return [np.asarray(tokenizer(latest.at[d, "text"])["input_ids"], dtype=np.int64) for d in keep]
 
 
 def _mix(entry, job):
     """`ratio` x the diff's blocks of base text per epoch."""
-    docs = current_docs(job.toks, job.period) if entry.get("source") == "current" else job.base_docs
+    current = entry.get("source") == "current"
+    docs = current_docs(job.toks, job.period, job.inputs.get("corpus"), job.tokenizer) if current else job.base_docs
     if not docs:
         raise InputError(f"replay: {job.toks.path} has no split == 'base' documents to replay"
-                         + (" that the periods up to this one left unchanged" if job.base_docs else ""))
+                         + (" with a current version in the corpus" if current and job.base_docs else ""))
     n, base = round(entry["ratio"] * job.n_diff), with_eos(docs, job.eos)
     return n, lambda rng: blocks(base, job.cfg["seq_len"], n, rng, job.pad_id)
 
 
-PART = register(Part("replay", mix=_mix))
+def _needs(entry, method):
+    return ["corpus"] if entry.get("source") == "current" else []
+
+
+PART = register(Part("replay", needs=_needs, mix=_mix))
