@@ -575,5 +575,6 @@ def run(params: dict, model, tokens, probes, out, tagged=None, corpus=None) -> N
              norms.loc[norms["granularity"] == "module", "unit"].nunique())
     t = tests["new_vs_updated"]
     log.info("profile: new vs updated, %s: %s", t["test"], f"p = {t['p_value']:.3g} ({t['statistic']} = "
-             f"{t['observed']:.3g}, {t['permutations']} permutations of {t['exchange_unit']}s)"
+             f"{t['observed']:.3g}, {t['permutations']} permutations exchanging "
+             f"{'entities' if t['exchange_unit'] == 'entity' else 'sequences'})"
              if t["available"] else f"not available ({t['reason']})")
