@@ -5,6 +5,7 @@ case, the Markdown, non-blank figures, determinism, method/seed/period from the 
 import json
 import math
 import os
+import re
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -491,4 +492,7 @@ def test_report_renders_the_null_alr_and_claims_sections(inputs, tmp_path):
     rows = json.load(open(f"{inputs['out']}/claims.json"))
     assert [r["verdict"] for r in rows] == ["confirmed", "inconclusive"]  # no fact-level scores for (b)
     assert "**confirmed** (p < 0.05)" in md
+    # the statistic's "|" is escaped, so the claims row keeps its 4 cells
+    row = next(x for x in md.splitlines() if x.startswith("| (a)"))
+    assert "max \\|r_new - r_updated\\|" in row and len(re.split(r"(?<!\\)\|", row)) == 6
     assert json.load(open(f"{inputs['out']}/null.json"))["n"] == 0

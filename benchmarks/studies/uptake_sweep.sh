@@ -1,6 +1,6 @@
 #!/bin/bash
-# Issue 11 part 4: how much continual training does `full` need before the period-1 facts
-# become answerable in probe wording? Trains `full` (or METHOD_JSON) on period 1, seed 0,
+# Issue 11 part 4 / issue 24 item 1: how much continual training does `full` need before the
+# period-1 facts are learned? Trains `full` (or METHOD_JSON) on period 1, seed $SEED (0),
 # from a finished default run's base model and token files, then evaluates.
 #   benchmarks/studies/uptake_sweep.sh RESULTS NAME EPOCHS LR [METHOD_JSON]
 # COMMON='"batch_size": 4' (a JSON fragment) adds to the common training settings.
@@ -8,7 +8,8 @@
 # variant of config/config.yaml's synthetic world instead (built once under SWEEP_DIR: corpus,
 # split, tag, probes, tokens); its T0 must equal the run's, so the run's base model fits.
 # e.g. for a grid:  for e in 2 8 16; do benchmarks/studies/uptake_sweep.sh results e$e $e 1e-3; done
-# Prints one line: top-1 / object ppl per probe set (new, updated, unchanged, outdated).
+# Prints one line: fact-level hits@1 among the candidates (%) of new, updated, unchanged,
+# efficacy (%), then top-1 / object ppl per probe set (new, updated, unchanged, outdated).
 set -euo pipefail
 R=$1; name=$2; epochs=$3; lr=$4; method=${5:-"{}"}
 out=${SWEEP_DIR:-/tmp/uptake_sweep}/$name
@@ -37,14 +38,17 @@ PY
     fi
 fi
 params="{\"name\":\"$name\",\"common\":{\"lr\":$lr,\"epochs\":$epochs${COMMON:+,$COMMON}},\"method\":$method}"
+# --corpus and --tagged: what replay source current, token weighting and permute_objects read
 OMP_NUM_THREADS=1 python -m gradloc train --params "$params" --init "$R/base_model" --tokens "$data/tokens" \
-    --period 1 --seed 0 --out "$out/train" > "$out/train.log" 2>&1
+    --corpus "$data/corpus" --tagged "$data/tagged" --period 1 --seed "${SEED:-0}" --out "$out/train" > "$out/train.log" 2>&1
 OMP_NUM_THREADS=1 python -m gradloc evaluate --params '{"batch_size": 32}' --model "$out/train" \
     --probes "$data/probes" --tokens "$data/tokens" --period 1 --out "$out/eval" > "$out/eval.log" 2>&1
 python - "$out" "$name" <<'PY'
 import json, sys
 out, name = sys.argv[1:]
 d, m = json.load(open(f"{out}/eval/summary.json")), json.load(open(f"{out}/train/metrics.json"))
-print(name, "steps", m["steps"], " ".join(f"{k} {d[k]['top1']:.3f}/{d[k]['object_ppl']:.1f}"
-                                           for k in ("new", "updated", "unchanged", "outdated")))
+f = d["facts"]
+hits = " ".join(f"{k} {100 * f['sets'][k]['hits1']:.1f}" for k in ("new", "updated", "unchanged"))
+print(name, "steps", m["steps"], "hits@1", hits, f"efficacy {100 * f['efficacy']['share']:.1f} |",
+      " ".join(f"{k} {d[k]['top1']:.3f}/{d[k]['object_ppl']:.1f}" for k in ("new", "updated", "unchanged", "outdated")))
 PY

@@ -223,10 +223,15 @@ def alr_section(selection) -> list[str]:
     return lines + [""]
 
 
+def cell(text) -> str:
+    """A markdown table cell: a "|" inside it (as in "max_u |r_new - r_updated|") would split it."""
+    return str(text).replace("|", "\\|")
+
+
 def claims_section(rows: list[dict]) -> list[str]:
     lines = ["## Claims", "", "| claim | test | numbers (95% intervals) | verdict |", "|---|---|---|---|"]
-    lines += [f"| {r['claim']} | {r['test']} | {r['numbers'] or '-'} | **{r['verdict']}** ({r['reason']}) |"
-              for r in rows]
+    lines += [f"| {cell(r['claim'])} | {cell(r['test'])} | {cell(r['numbers'] or '-')} | "
+              f"**{r['verdict']}** ({cell(r['reason'])}) |" for r in rows]
     return lines + [""]
 
 
