@@ -1,4 +1,4 @@
-"""What several stages share and no stage owns: stable hashing, spans to token marks,
+"""What several stages share and no stage owns: stable hashing, word boundaries, spans to token marks,
 the rule that no training input reads the evaluation probes, the subnetwork mask file
 format, and which units are layer-selection candidates."""
 
@@ -12,6 +12,18 @@ import numpy as np
 import pandas as pd
 
 from .io import InputError, read_json, read_table
+
+
+def _is_word(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+def on_word_boundary(text: str, start: int, end: int) -> bool:
+    """A match may not cut a word: "Ann" in "Anna" or "Joanne" is no mention. Edges that
+    are punctuation themselves (an alias like "U.S.") need no boundary."""
+    left_ok = start == 0 or not (_is_word(text[start - 1]) and _is_word(text[start]))
+    right_ok = end == len(text) or not (_is_word(text[end - 1]) and _is_word(text[end]))
+    return left_ok and right_ok
 
 
 def stable_unit(key: str) -> float:

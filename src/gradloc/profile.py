@@ -141,11 +141,11 @@ def sequence_info(tagged, corpus, need_corpus: bool) -> pd.DataFrame:
 
 def find_all(text: str, needle: str) -> list[tuple[int, int]]:
     """Every occurrence of `needle` in `text` that cuts no word."""
-    from .tagging import _on_word_boundary
+    from .core import on_word_boundary
 
     out, start = [], text.find(needle) if needle else -1
     while start >= 0:
-        if _on_word_boundary(text, start, start + len(needle)):
+        if on_word_boundary(text, start, start + len(needle)):
             out.append((start, start + len(needle)))
         start = text.find(needle, start + 1)
     return out

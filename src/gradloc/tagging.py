@@ -23,6 +23,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import schema
+from .core import on_word_boundary
 from .facts import alias_list, subject_articles
 from .io import atomic_output, read_json, read_table, write_json, write_parquet
 
@@ -77,18 +78,6 @@ def build_automaton(entities: pd.DataFrame, min_alias_chars: int = 3,
     return automaton
 
 
-def _is_word(c: str) -> bool:
-    return c.isalnum() or c == "_"
-
-
-def _on_word_boundary(text: str, start: int, end: int) -> bool:
-    """A match may not cut a word: "Ann" in "Anna" or "Joanne" is no mention. Edges that
-    are punctuation themselves (an alias like "U.S.") need no boundary."""
-    left_ok = start == 0 or not (_is_word(text[start - 1]) and _is_word(text[start]))
-    right_ok = end == len(text) or not (_is_word(text[end - 1]) and _is_word(text[end]))
-    return left_ok and right_ok
-
-
 def match_text(text: str, automaton: ahocorasick.Automaton, case_sensitive: bool = True) -> list[tuple]:
     """(start, end, entity ids) of the non-overlapping mentions in one text, the longest
     match winning where matches overlap (then the leftmost)."""
@@ -98,7 +87,7 @@ def match_text(text: str, automaton: ahocorasick.Automaton, case_sensitive: bool
     found = []
     for last, (n, ids) in automaton.iter(hay):
         start, end = last - n + 1, last + 1
-        if _on_word_boundary(text, start, end):
+        if on_word_boundary(text, start, end):
             found.append((start, end, ids))
     found.sort(key=lambda m: (m[0] - m[1], m[0]))
     taken = bytearray(len(text))
