@@ -70,7 +70,8 @@ def test_no_heldout_sequences_is_null_not_nan(tmp_path):
 def test_profile_refuses_non_finite_norms(tmp_path, capsys):
     world(tmp_path, nan_weights=True)
     argv = ["profile", "--params", json.dumps({"n_sequences": 2, "batch_size": 2, "seq_len": 8, "bootstrap": 0,
-                                               "loss": "sequence", "control": "base"}),
+                                               "loss": "sequence", "control": "base", "salient": "subject",
+                                               "new_pool": "any", "infoboxes": "keep", "bootstrap_unit": "sequence"}),
             "--model", str(tmp_path / "ckpt"), "--tokens", str(tmp_path / "tokens"),
             "--probes", str(tmp_path / "probes"), "--out", str(tmp_path / "profile")]
     assert cli.main(argv) == 3
