@@ -25,23 +25,29 @@ def alias_list(value) -> list[str]:
     return [str(a) for a in value]
 
 
+def title_owners(entities: pd.DataFrame | None, triples: pd.DataFrame | None = None) -> dict[str, str]:
+    """{document title: entity or subject id}: a triple subject's name claims first, then
+    each entity's name and aliases; the first claim on a title wins."""
+    owner: dict[str, str] = {}
+    if triples is not None:
+        for sid, subject in triples[["subject_id", "subject"]].drop_duplicates().itertuples(index=False):
+            owner.setdefault(str(subject), str(sid))
+    if entities is not None and len(entities):
+        aliases = entities["aliases"] if "aliases" in entities else [None] * len(entities)
+        for eid, name, alias_cell in zip(entities["entity_id"].astype(str), entities["name"], aliases):
+            for surface in [name, *alias_list(alias_cell)]:
+                owner.setdefault(str(surface), eid)  # names are listed before aliases
+    return owner
+
+
 def subject_articles(docs: pd.DataFrame, entities: pd.DataFrame | None,
                      triples: pd.DataFrame | None = None) -> dict[int, dict[str, str]]:
     """{snapshot: {entity or subject id: article text}}: the full documents whose title is
     the entity's name or an alias (and, given `triples`, a triple subject's name, which
     claims first, or whose doc_id is the subject_id). Several such documents
     (paraphrases) are joined in doc_id order; the first claim on a title wins."""
-    owner: dict[str, str] = {}
-    sids: set[str] = set()
-    if triples is not None:
-        for sid, subject in triples[["subject_id", "subject"]].drop_duplicates().itertuples(index=False):
-            owner.setdefault(str(subject), str(sid))
-        sids = set(triples["subject_id"].astype(str))
-    if entities is not None and len(entities):
-        aliases = entities["aliases"] if "aliases" in entities else [None] * len(entities)
-        for eid, name, alias_cell in zip(entities["entity_id"].astype(str), entities["name"], aliases):
-            for surface in [name, *alias_list(alias_cell)]:
-                owner.setdefault(str(surface), eid)  # names are listed before aliases
+    owner = title_owners(entities, triples)
+    sids = set(triples["subject_id"].astype(str)) if triples is not None else set()
     full = docs[docs["kind"] == "full"].sort_values(["snapshot", "doc_id"])
     out: dict[int, dict[str, str]] = {}
     for snap, doc_id, title, text in full[["snapshot", "doc_id", "title", "text"]].itertuples(index=False):

@@ -103,22 +103,15 @@ def is_infobox(doc_id) -> bool:
 def document_entities(corpus) -> dict[str, str]:
     """{doc_id: entity id}: the entity a document is about, its title being the entity's
     name or alias (corpus/entities.parquet) or a triple subject's name (names first)."""
-    from .facts import alias_list, read_triples
+    from .facts import read_triples, title_owners
 
     path = Path(corpus) / "documents.parquet"
     if not path.exists():
         raise InputError(f"{path}: file not found (the profile's sequence entities come from the titles)")
     docs = pd.read_parquet(path, columns=["doc_id", "title"]).drop_duplicates("doc_id", keep="last")
-    owner: dict[str, str] = {}
-    triples = read_triples(corpus)
-    for sid, subject in triples[["subject_id", "subject"]].drop_duplicates().itertuples(index=False):
-        owner.setdefault(str(subject), str(sid))
-    if (Path(corpus) / "entities.parquet").exists():
-        ents = read_table(Path(corpus) / "entities.parquet", ["entity_id", "name"])
-        aliases = ents["aliases"] if "aliases" in ents else [None] * len(ents)
-        for eid, name, cell in zip(ents["entity_id"].astype(str), ents["name"], aliases):
-            for surface in [name, *alias_list(cell)]:
-                owner.setdefault(str(surface), eid)
+    ents_path = Path(corpus) / "entities.parquet"
+    ents = read_table(ents_path, ["entity_id", "name"]) if ents_path.exists() else None
+    owner = title_owners(ents, read_triples(corpus))
     return {str(d): owner[str(t)] for d, t in zip(docs["doc_id"], docs["title"]) if str(t) in owner}
 
 

@@ -139,12 +139,9 @@ def lower_ends(rel: pd.DataFrame, t: str) -> pd.Series | None:
     from the simultaneous interval `d_slo` when the profile has it, else `d_lo`; None
     where the profile has neither (or only empty values)."""
     sub = rel[rel["knowledge_type"] == t].set_index("unit")
-    for col in ("d_slo", "d_lo"):
-        if col in sub.columns:
-            lo = pd.to_numeric(sub[col], errors="coerce")
-            if lo.notna().any():
-                return lo
-    return None
+    lo_col = BANDS[band_of(rel)][0]
+    lo = pd.to_numeric(sub[lo_col], errors="coerce") if lo_col in sub.columns else None
+    return lo if lo is not None and lo.notna().any() else None
 
 
 def reasons_of(order, types, why, units, fallback, multipliers, significance, combine) -> dict[str, str]:
@@ -171,6 +168,13 @@ BANDS = {"simultaneous": ("d_slo", "d_shi", "simultaneous 95% bootstrap band (ma
          "pointwise": ("d_lo", "d_hi", "paired bootstrap 95% interval per unit")}
 
 
+def band_of(rel: pd.DataFrame) -> str:
+    """The interval of d the profile has: the simultaneous band where its columns hold
+    values, else the per-unit one."""
+    return next((b for b, (lo, hi, _) in BANDS.items() if {lo, hi} <= set(rel.columns)
+                 and pd.to_numeric(rel[lo], errors="coerce").notna().any()), "pointwise")
+
+
 def significance_of(rel: pd.DataFrame, candidates: list[str], types: list[str], selected: list[str]) -> dict:
     """Per knowledge type and candidate unit: d = r_l - mean(r) and its 95% bootstrap band
     (from the profile): the simultaneous band over the units (d_slo, d_shi: max-|t|, so
@@ -178,8 +182,7 @@ def significance_of(rel: pd.DataFrame, candidates: list[str], types: list[str], 
     profile has it, else the older per-unit interval (d_lo, d_hi); a unit is significantly
     above the mean when the band's lower end is above 0. `band` says which. `available`
     is false for a profile without either (bootstrap 0, or written before the columns)."""
-    band = next((b for b, (lo, hi, _) in BANDS.items() if {lo, hi} <= set(rel.columns)
-                 and pd.to_numeric(rel[lo], errors="coerce").notna().any()), "pointwise")
+    band = band_of(rel)
     lo_col, hi_col, words = BANDS[band]
     has = {"d", lo_col, hi_col} <= set(rel.columns)
     out = {"available": False, "band": band, "test": f"{words} of r_l - mean(r) over block units, lower end > 0",
